@@ -1,0 +1,60 @@
+"""Outputs appear complete or not at all: write beside the target, fsync, rename; remove the temp on any failure.
+
+An existing output is refused unless ``overwrite`` is set, and is never modified before the new file is complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from sdxl_ckpt.errors import OutputExistsError, OutputWriteError
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EDQUOT, errno.EIO}
+
+
+def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early (before any work) when the output exists or its folder is missing / not writable."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise OutputExistsError("output exists; pass --overwrite to replace it", path=out)
+    if out.is_dir():
+        raise OutputExistsError("output is a directory", path=out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputWriteError("output folder does not exist", path=parent)
+    if not os.access(parent, os.W_OK):
+        raise OutputWriteError("output folder is not writable", path=parent)
+    return out
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[BinaryIO]:
+    """Yield a binary file; on normal exit it is fsynced and renamed to ``path``, else removed."""
+    out = check_output(path, overwrite)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent or ".")
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create a file here: {exc.strerror}", path=out.parent) from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        if out.exists() and not overwrite:  # appeared while we worked: never clobber it
+            raise OutputExistsError("output appeared while writing; not replaced", path=out)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in _WRITE_ERRNOS:
+            raise OutputWriteError(f"write failed: {exc.strerror}", path=out) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

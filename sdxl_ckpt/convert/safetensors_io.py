@@ -1,0 +1,184 @@
+"""Streaming safetensors: read the header only, read tensors one at a time, write header first then bytes.
+
+The ``safetensors`` library loads or saves whole dicts; converting a 7 GB model must never hold it, so the
+format (8-byte little-endian header length, JSON header, packed data) is handled here, with every field
+validated so a truncated or hostile file gives one ``CorruptFileError`` naming the file and key.
+The writer orders tensors as the library does (larger item size first, then by name) and pads the header the
+same way, so for the same tensors and metadata the bytes equal ``safetensors.numpy.save_file``'s output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdxl_ckpt.convert.atomic import atomic_output
+from sdxl_ckpt.convert.dtypes import ITEMSIZE, ST_TO_NUMPY
+from sdxl_ckpt.convert.entries import TensorEntry
+from sdxl_ckpt.errors import CorruptFileError, InputError
+from sdxl_ckpt.progress import byte_bar
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the library's own limit
+
+
+@dataclass(frozen=True)
+class SafetensorsFile:
+    """A parsed header: entries in file-offset order, the ``__metadata__`` dict, and where data starts."""
+
+    path: Path
+    entries: list[TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+    def by_name(self) -> dict[str, TensorEntry]:
+        return {e.name: e for e in self.entries}
+
+
+def _reader(path: Path, name: str, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...]):
+    def load() -> np.ndarray:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            buf = handle.read(nbytes)
+        if len(buf) != nbytes:
+            raise CorruptFileError(f"truncated: expected {nbytes} bytes, got {len(buf)}", path=path, key=name)
+        return np.frombuffer(buf, dtype=ST_TO_NUMPY[dtype]).reshape(shape)
+
+    return load
+
+
+def _check_entry(path: Path, name: str, info: object, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    if not isinstance(info, dict):
+        raise CorruptFileError("header entry is not an object", path=path, key=name)
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in ST_TO_NUMPY:
+        raise CorruptFileError(f"unknown dtype {dtype!r}", path=path, key=name)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise CorruptFileError(f"bad shape {shape!r}", path=path, key=name)
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise CorruptFileError(f"bad data_offsets {offsets!r}", path=path, key=name)
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise CorruptFileError(f"bad data_offsets {offsets!r}", path=path, key=name)
+    if end > data_size:
+        raise CorruptFileError(
+            f"data_offsets end {end} lies past the end of the data ({data_size} bytes): truncated file?",
+            path=path, key=name)
+    expected = math.prod(shape) * ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise CorruptFileError(f"{end - begin} bytes for shape {shape} {dtype} (needs {expected})",
+                               path=path, key=name)
+    return dtype, tuple(shape), begin, end
+
+
+def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
+    """Parse and validate the header of ``path``; no tensor bytes are read."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file", path=path)
+    if not path.is_file():
+        raise InputError("not a file", path=path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise CorruptFileError(f"not a safetensors file ({size} bytes, no header length)", path=path)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise CorruptFileError(f"header length {header_len} is implausible: not a safetensors file",
+                                   path=path)
+        if 8 + header_len > size:
+            raise CorruptFileError(f"header claims {header_len} bytes but the file has {size - 8}: truncated",
+                                   path=path)
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"header is not valid JSON ({exc.__class__.__name__})", path=path) from None
+    if not isinstance(header, dict):
+        raise CorruptFileError("header is not a JSON object", path=path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise CorruptFileError("__metadata__ must map strings to strings", path=path)
+    data_start = 8 + header_len
+    data_size = size - data_start
+    spans = []
+    entries = []
+    for name, info in header.items():
+        dtype, shape, begin, end = _check_entry(path, name, info, data_size)
+        spans.append((begin, end, name))
+        entries.append(TensorEntry(name, dtype, shape,
+                                   _reader(path, name, data_start + begin, end - begin, dtype, shape),
+                                   source=str(path)))
+    spans.sort()
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CorruptFileError(f"tensor data overlaps {n0!r}", path=path, key=n1)
+    order = {name: i for i, (_b, _e, name) in enumerate(spans)}
+    entries.sort(key=lambda e: order[e.name])
+    return SafetensorsFile(path, entries, dict(metadata), data_start, size)
+
+
+def library_order(entries: Iterable[TensorEntry]) -> list[TensorEntry]:
+    """The order ``safetensors`` itself writes: larger item size first, then by name."""
+    return sorted(entries, key=lambda e: (-ITEMSIZE[e.dtype], e.name))
+
+
+def build_header(entries: list[TensorEntry], metadata: Mapping[str, str] | None) -> bytes:
+    """The header bytes (length prefix included) for ``entries`` written in the given order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape),
+                              "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    entries: Iterable[TensorEntry],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = True,
+    desc: str = "writing",
+    order: str = "library",
+) -> list[TensorEntry]:
+    """Stream ``entries`` into ``path`` atomically, one tensor in memory at a time; returns the written order.
+
+    Every entry's ``load()`` must return exactly its declared dtype and shape (checked, naming the key).
+    """
+    planned = list(entries)
+    names = [e.name for e in planned]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InputError("two tensors would get the same output name", key=dup)
+    if order == "library":
+        planned = library_order(planned)
+    header = build_header(planned, metadata)
+    with atomic_output(path, overwrite) as handle, byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar:
+        handle.write(header)
+        for entry in planned:
+            array = entry.load()
+            expect = ST_TO_NUMPY[entry.dtype]
+            if tuple(array.shape) != entry.shape or array.dtype != expect:
+                raise InputError(f"produced {array.dtype}{list(array.shape)}, planned "
+                                 f"{entry.dtype}{list(entry.shape)}", key=entry.name)
+            handle.write(np.ascontiguousarray(array).data)
+            bar.update(entry.nbytes)
+    return planned
