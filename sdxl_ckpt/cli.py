@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from typing import Optional
 
 import click
 import typer
 
 from sdxl_ckpt.errors import SdxlCkptError
+
+# typer >= 0.26 runs on its own vendored click, whose exceptions are not click's: catch both kinds
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_CLICK_ERROR: tuple[type[Exception], ...] = (click.ClickException,)
+try:
+    from typer._click.exceptions import ClickException as _TyperClickException
+
+    _CLICK_ERROR += (_TyperClickException,)
+except ImportError:  # older typer: plain click only
+    pass
 
 app = typer.Typer(
     name="sdxl-ckpt",
@@ -27,17 +39,195 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 JSON_OUT = typer.Option(None, "--json", help="Also write the report as JSON to this file ('-' = stdout).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output file.")
 
+
+@app.callback()
+def _root() -> None:
+    """Convert SDXL weights between diffusers, SD single-file and MindSpore ckpt, and verify them."""
+    # an explicit callback keeps `sdxl-ckpt COMMAND` a group even while only one command exists
+
+
 # Commands are added below, one section per job; keep each body a short composition of library calls.
 
 # --- tiny-model (issue 3) ---
 
+
+@app.command("tiny-model")
+def tiny_model_cmd(
+    variant: str = typer.Option(..., "--variant", help="base | refiner | lcm (lcm adds DIR/lcm-unet)."),
+    output: str = typer.Option(..., "--output", "-o", help="Pipeline folder to write."),
+    seed: int = typer.Option(0, "--seed", help="Same seed -> byte-identical weights."),
+    cond_proj: bool = typer.Option(False, "--cond-proj", help="lcm: give the LCM UNet a guidance embedding."),
+    fp16_variant: Optional[bool] = typer.Option(  # noqa: UP045 - Typer-friendly annotation
+        None, "--fp16-variant/--no-fp16-variant",
+        help="fp16 weights as *.fp16.safetensors (default: off for tiny, on for --full)."),
+    full: bool = typer.Option(False, "--full", help="Real SDXL shapes, random data, streamed (fp16: ~7 GB base)."),
+    overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
+) -> int:
+    """Write a random SDXL-shaped diffusers folder (tiny widths, or real shapes with --full), offline."""
+    from sdxl_ckpt.tiny_model import build_model_cli
+
+    fp16 = full if fp16_variant is None else fp16_variant
+    path = build_model_cli(variant, output, seed=seed, cond_proj=cond_proj, variant_fp16=fp16, full=full,
+                           overwrite=overwrite, quiet=quiet)
+    if not quiet:
+        print(f"wrote {path}")
+    return 0
+
+
 # --- diffusers-to-sd (issue 3) ---
 
+
+@app.command("diffusers-to-sd")
+def diffusers_to_sd_cmd(
+    src_dir: str = typer.Argument(..., help="diffusers SDXL pipeline folder (unet/ vae/ text_encoder*/)."),
+    output: str = typer.Option(..., "--output", "-o", help="SD single-file .safetensors to write."),
+    unet: Optional[str] = typer.Option(None, "--unet", help="Take the UNet from this folder (e.g. an LCM UNet)."),  # noqa: UP045
+    vae: Optional[str] = typer.Option(None, "--vae", help="Take the VAE from this folder."),  # noqa: UP045
+    variant: Optional[str] = typer.Option(None, "--variant", help="Read *.VARIANT.safetensors weights (e.g. fp16)."),  # noqa: UP045
+    dtype: str = typer.Option("keep", "--dtype", help="keep | fp16 | fp32 | bf16: cast floating tensors only "
+                              "(integer tensors such as position_ids never change)."),
+    lcm: bool = typer.Option(False, "--lcm", help="Mark the output as LCM (the UNet is a distilled LCM UNet)."),
+    overwrite: bool = OVERWRITE,
+    json_out: Optional[str] = JSON_OUT,  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """Merge a diffusers SDXL folder (base, refiner or LCM) into one SD-layout safetensors file, streaming."""
+    from sdxl_ckpt.convert.diffusers_to_sd import convert_diffusers_to_sd, render_report
+    from sdxl_ckpt.report import write_json
+
+    report = convert_diffusers_to_sd(src_dir, output, unet_dir=unet, vae_dir=vae, variant=variant,
+                                     dtype=None if dtype == "keep" else dtype, lcm=lcm, overwrite=overwrite,
+                                     quiet=quiet)
+    if json_out != "-":
+        print(render_report(report))
+    write_json(report, json_out)
+    return 0
+
+
 # --- keymaps, st-to-ms, ms-to-st (issue 4) ---
+
+KEYS = typer.Option("auto", "--keys", help="auto | base | refiner | lcm (auto: from sentinel keys and metadata).")
+
+
+@app.command("st-to-ms")
+def st_to_ms_cmd(
+    src: str = typer.Argument(..., help="SD single-file .safetensors (sgm names)."),
+    output: str = typer.Option(..., "--output", "-o", help="MindSpore .ckpt (or .safetensors) to write."),
+    keys: str = KEYS,
+    dtype: str = typer.Option("keep", "--dtype", help="keep | fp16 | fp32 | bf16: cast floating tensors only."),
+    fmt: str = typer.Option("ckpt", "--format", help="ckpt | safetensors (MindSpore names in safetensors)."),
+    key_torch: Optional[str] = typer.Option(None, "--key-torch", help="mindone torch key list (checked)."),  # noqa: UP045
+    key_ms: Optional[str] = typer.Option(None, "--key-ms", help="mindone MindSpore key list (checked)."),  # noqa: UP045
+    overwrite: bool = OVERWRITE,
+    json_out: Optional[str] = JSON_OUT,  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """SD safetensors -> MindSpore ckpt with mindone's names: checked first, streamed, bytes preserved."""
+    from sdxl_ckpt.convert.sd_ms import render_report, st_to_ms
+    from sdxl_ckpt.report import write_json
+
+    report = st_to_ms(src, output, keys=keys, dtype=dtype, fmt=fmt, overwrite=overwrite, quiet=quiet,
+                      key_torch=key_torch, key_ms=key_ms)
+    if json_out != "-":
+        print(render_report(report))
+    write_json(report, json_out)
+    return 0
+
+
+@app.command("ms-to-st")
+def ms_to_st_cmd(
+    src: str = typer.Argument(..., help="MindSpore .ckpt (or MindSpore-named .safetensors)."),
+    output: str = typer.Option(..., "--output", "-o", help="SD single-file .safetensors to write."),
+    keys: str = KEYS,
+    overwrite: bool = OVERWRITE,
+    json_out: Optional[str] = JSON_OUT,  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """MindSpore ckpt -> SD safetensors, record by record; position_ids and SD metadata restored."""
+    from sdxl_ckpt.convert.sd_ms import ms_to_st, render_report
+    from sdxl_ckpt.report import write_json
+
+    report = ms_to_st(src, output, keys=keys, overwrite=overwrite, quiet=quiet)
+    if json_out != "-":
+        print(render_report(report))
+    write_json(report, json_out)
+    return 0
+
+
+keymaps_app = typer.Typer(help="The SD <-> MindSpore keymaps.", no_args_is_help=True)
+app.add_typer(keymaps_app, name="keymaps")
+
+
+@keymaps_app.command("export")
+def keymaps_export_cmd(
+    variant: str = typer.Option(..., "--variant", help="base | refiner | lcm."),
+    fmt: str = typer.Option("mindone", "--format", help="mindone: torch_key_V.yaml + mindspore_key_V.yaml."),
+    output: str = typer.Option(".", "--output", "-o", help="Folder to write the two lists into."),
+    overwrite: bool = OVERWRITE,
+) -> int:
+    """Write a keymap as mindone's line-paired key lists (required keys), to diff with theirs."""
+    from sdxl_ckpt.keymaps.mindone import write_export
+
+    for path in write_export(variant, fmt, output, overwrite=overwrite):
+        print(f"wrote {path}")
+    return 0
+
 
 # --- reference, verify, demo (issue 6) ---
 
 # --- inspect, diff, hash (issue 8) ---
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: str = typer.Argument(..., help="SD / MindSpore safetensors, MindSpore .ckpt, or diffusers folder."),
+    hash_: bool = typer.Option(False, "--hash", help="Read every tensor: sha256 (ModelSpec convention) per file "
+                               "and per component, and NaN / Inf counts."),
+    keys: str = typer.Option("auto", "--keys", help="auto | base | refiner | lcm: keymap for MindSpore names."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="diffusers: read *.VARIANT.safetensors."),  # noqa: UP045
+    json_out: Optional[str] = JSON_OUT,  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """Describe a checkpoint from its header / record scan: variant, components, dtypes, metadata, unknown keys."""
+    from sdxl_ckpt.manage.inspect import inspect_checkpoint, render_inspect, warn_report
+    from sdxl_ckpt.report import write_json
+
+    report = inspect_checkpoint(path, keys=keys, with_hash=hash_, quiet=quiet, weight_variant=variant)
+    if json_out != "-":
+        print(render_inspect(report))
+    warn_report(report)
+    write_json(report, json_out)
+    return 0
+
+
+@app.command("diff")
+def diff_cmd(
+    a: str = typer.Argument(..., help="First checkpoint (any layout: SD / MindSpore safetensors, .ckpt, diffusers)."),
+    b: str = typer.Argument(..., help="Second checkpoint (any layout)."),
+    keys: str = typer.Option("auto", "--keys", help="auto | base | refiner | lcm: keymap for MindSpore names."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="diffusers: read *.VARIANT.safetensors."),  # noqa: UP045
+    json_out: Optional[str] = JSON_OUT,  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """Compare two checkpoints under SD names, one tensor pair at a time; exit 0 identical, 1 different."""
+    from sdxl_ckpt.manage.diff import diff_checkpoints, render_diff, warn_diff
+    from sdxl_ckpt.report import write_json
+
+    report = diff_checkpoints(a, b, keys=keys, quiet=quiet, weight_variant=variant)
+    if json_out != "-":
+        print(render_diff(report))
+    warn_diff(report)
+    write_json(report, json_out)
+    return 0 if report["identical"] else 1
+
+
+class _Interrupted(BaseException):
+    """SIGINT, raised past Typer: Typer turns a KeyboardInterrupt into a silent exit 130, and the user must be told."""
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted()
 
 
 def main(argv: Optional[list[str]] = None) -> int:  # noqa: UP045 - Typer-friendly annotation
@@ -45,23 +235,27 @@ def main(argv: Optional[list[str]] = None) -> int:  # noqa: UP045 - Typer-friend
     if hasattr(signal, "SIGXFSZ"):
         # a file-size limit must surface as an OSError (EFBIG) we can report, not kill the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous_sigint = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored SIGINT (nohup, &) stays so
+        previous_sigint = signal.signal(signal.SIGINT, _raise_interrupted)
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="sdxl-ckpt", standalone_mode=False)
     except SdxlCkptError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except click.exceptions.Abort:
+    except (_Interrupted, KeyboardInterrupt, *_ABORT):
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
-    except click.ClickException as err:
+    except _CLICK_ERROR as err:
         err.show(file=sys.stderr)
         return err.exit_code
-    except click.exceptions.Exit as err:
+    except _EXIT as err:
         return err.exit_code
+    finally:
+        if previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
     return result if isinstance(result, int) else 0
 
 

@@ -60,4 +60,9 @@ def write_json(report: Mapping[str, Any], path: str | os.PathLike | None) -> Non
     if str(path) == "-":
         print(text)
     else:
-        Path(path).write_text(text + "\n")
+        try:
+            Path(path).write_text(text + "\n")
+        except OSError as exc:  # a report that cannot be written is an output error, not a traceback
+            from sdxl_ckpt.errors import OutputWriteError
+
+            raise OutputWriteError(f"cannot write the JSON report: {exc.strerror}", path=path) from None

@@ -33,6 +33,13 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+def _default_mode(path: Path) -> None:
+    """mkstemp creates 0600 files; give the output the mode a plain open() would (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[BinaryIO]:
     """Yield a binary file; on normal exit it is fsynced and renamed to ``path``, else removed."""
@@ -43,6 +50,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         raise OutputWriteError(f"cannot create a file here: {exc.strerror}", path=out.parent) from None
     tmp = Path(tmp_name)
     try:
+        _default_mode(tmp)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()

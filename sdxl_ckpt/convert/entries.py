@@ -44,5 +44,5 @@ def entry_from_array(name: str, array: np.ndarray, dtype: str | None = None, sou
     """An entry backed by an in-memory array (small generated tensors such as ``logit_scale``)."""
     from sdxl_ckpt.convert.dtypes import st_dtype_of
 
-    arr = np.ascontiguousarray(array)
+    arr = np.asarray(array, order="C")  # not ascontiguousarray: that turns a 0-d scalar into shape (1,)
     return TensorEntry(name, dtype or st_dtype_of(arr), tuple(arr.shape), lambda: arr, source)

@@ -23,6 +23,7 @@ from sdxl_ckpt.convert.atomic import atomic_output
 from sdxl_ckpt.convert.dtypes import ITEMSIZE, ST_TO_NUMPY
 from sdxl_ckpt.convert.entries import TensorEntry
 from sdxl_ckpt.errors import CorruptFileError, InputError
+from sdxl_ckpt.manage.values import NonFiniteWatch
 from sdxl_ckpt.progress import byte_bar
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the library's own limit
@@ -171,6 +172,7 @@ def write_safetensors(
     if order == "library":
         planned = library_order(planned)
     header = build_header(planned, metadata)
+    watch = NonFiniteWatch()  # NaN / Inf are written as they are, but never silently
     with atomic_output(path, overwrite) as handle, byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar:
         handle.write(header)
         for entry in planned:
@@ -179,6 +181,8 @@ def write_safetensors(
             if tuple(array.shape) != entry.shape or array.dtype != expect:
                 raise InputError(f"produced {array.dtype}{list(array.shape)}, planned "
                                  f"{entry.dtype}{list(entry.shape)}", key=entry.name)
+            watch.check(entry.name, array, entry.dtype)
             handle.write(np.ascontiguousarray(array).data)
             bar.update(entry.nbytes)
+    watch.finish()
     return planned

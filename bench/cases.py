@@ -1,0 +1,72 @@
+"""What is measured: each case is one command, the input it reads, and the plain copy it is judged against.
+
+Every conversion has a plain copy of ITS OWN input bytes as its physical reference (the diffusers weight files
+concatenated, the SD file, the ckpt), so "1.2x copy" means 1.2 times the time the disk and page cache need
+just to move those bytes, on the same machine, in the same cache state, in the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import commands
+from bench.inputs import Inputs
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str  # stable id used in JSON
+    title: str  # what the table shows
+    reads: str  # input kind: "diffusers" | "sd" | "ckpt"
+    kind: str  # "copy" | "convert" | "baseline" | "verify"
+    output: str  # output file name inside the run's out folder
+    argv: Callable[[Inputs, Path], list[str]]
+    needs: str | None = None  # sdxl-ckpt sub-command that must exist
+    reference: str | None = None  # key of the copy case this one is compared against
+    target_ratio: float | None = None  # wall-time target, times the reference copy
+    target_rss: int | None = None  # peak RSS target, bytes
+
+
+GB = 1_000_000_000
+RSS_TARGET = int(1.5 * GB)
+
+CASES: tuple[Case, ...] = (
+    Case("copy_diffusers", "plain copy: diffusers fp16 weights", "diffusers", "copy", "copy_diffusers.bin",
+         lambda i, o: commands.plain_copy(i.weight_files(), o)),
+    Case("diffusers_to_sd", "diffusers-to-sd (fp16 keep)", "diffusers", "convert", "sd.safetensors",
+         lambda i, o: commands.diffusers_to_sd(i.diffusers, o, i.variant), needs="diffusers-to-sd",
+         reference="copy_diffusers", target_ratio=1.5, target_rss=RSS_TARGET),
+    Case("copy_sd", "plain copy: SD safetensors", "sd", "copy", "copy_sd.bin",
+         lambda i, o: commands.plain_copy([i.sd], o)),
+    Case("st_to_ms_keep", "st-to-ms --dtype keep", "sd", "convert", "ms_keep.ckpt",
+         lambda i, o: commands.st_to_ms(i.sd, o, "keep"), needs="st-to-ms",
+         reference="copy_sd", target_ratio=1.5, target_rss=RSS_TARGET),
+    Case("st_to_ms_fp32", "st-to-ms --dtype fp32", "sd", "convert", "ms_fp32.ckpt",
+         lambda i, o: commands.st_to_ms(i.sd, o, "fp32"), needs="st-to-ms",
+         reference="copy_sd", target_rss=RSS_TARGET),
+    Case("baseline_fp32", "baseline: load_file + fp32 + save_checkpoint", "sd", "baseline", "baseline_fp32.ckpt",
+         lambda i, o: commands.baseline(i.sd, o), reference="copy_sd"),
+    Case("copy_ckpt", "plain copy: MindSpore ckpt", "ckpt", "copy", "copy_ckpt.bin",
+         lambda i, o: commands.plain_copy([i.ckpt], o)),
+    Case("ms_to_st", "ms-to-st", "ckpt", "convert", "back.safetensors",
+         lambda i, o: commands.ms_to_st(i.ckpt, o), needs="ms-to-st",
+         reference="copy_ckpt", target_rss=RSS_TARGET),
+    Case("verify", "verify (full pipeline check)", "ckpt", "verify", "verify.json",
+         lambda i, o: commands.verify(i.ckpt, i.sd, o), needs="verify", reference="copy_ckpt"),
+)
+
+DEFAULT_KEYS = tuple(c.key for c in CASES if c.kind != "verify")
+
+
+def select(keys: list[str] | None, with_verify: bool) -> list[Case]:
+    """The cases to run, in table order; unknown keys raise ValueError naming the valid ones."""
+    valid = {c.key: c for c in CASES}
+    wanted = list(keys) if keys else list(DEFAULT_KEYS)
+    if with_verify and "verify" not in wanted:
+        wanted.append("verify")
+    unknown = [k for k in wanted if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown case(s) {unknown}; valid: {', '.join(valid)}")
+    return [c for c in CASES if c.key in wanted]

@@ -1,0 +1,60 @@
+"""SD (sgm) -> MindSpore (mindone "gm") key names: one small ordered rule table; no value ever changes.
+
+MindSpore's ``nn.GroupNorm`` / ``nn.LayerNorm`` call their affine parameters ``gamma`` / ``beta`` and
+``nn.Embedding`` calls its table ``embedding_table``; everything else (convs, linears, raw Parameters such as
+``positional_embedding``, ``text_projection``, ``logit_scale``, ``attn.in_proj_*``) keeps its SD name.
+``position_ids`` is a buffer, not a parameter, so it is dropped (``ms-to-st`` regenerates it).
+The first rule whose pattern fully matches the SD key decides. The generated keymaps (``base.yaml``...) spell
+out every resulting pair; facts: ../shared/SDXL_FORMATS.md section 3.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+# modules whose .weight/.bias are a GroupNorm/LayerNorm affine: matched as the LAST path component(s) of the module
+NORM_MODULES = (
+    r"in_layers\.0", r"out_layers\.0",  # UNet ResBlock GroupNorms
+    r"norm", r"norm[123]", r"norm_out",  # SpatialTransformer / BasicTransformerBlock, VAE resnets and attention
+    r"layer_norm[12]", r"final_layer_norm",  # HF CLIP (CLIP-L)
+    r"ln_[12]", r"ln_final",  # open_clip (bigG)
+)
+NORM_PATHS = (r"model\.diffusion_model\.out\.0",)  # the UNet's final GroupNorm (out.2 is a conv)
+EMBEDDING_MODULES = (r"token_embedding", r"position_embedding")
+
+_NORM = "|".join([rf"(?:.*\.)?(?:{'|'.join(NORM_MODULES)})", *NORM_PATHS])
+_EMBEDDING = rf"(?:.*\.)?(?:{'|'.join(EMBEDDING_MODULES)})"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``pattern`` (full match on an SD key) -> ``replacement`` (``re`` template), or None = drop; ``why``."""
+
+    pattern: str
+    replacement: str | None
+    why: str
+
+    @cached_property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile(self.pattern)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(r".*\.position_ids", None,
+         "int64 buffer (arange of the positions), not a parameter: MindSpore's CLIP has none; ms-to-st regenerates it"),
+    Rule(rf"(?P<m>{_NORM})\.weight", r"\g<m>.gamma", "GroupNorm/LayerNorm weight is 'gamma' in MindSpore"),
+    Rule(rf"(?P<m>{_NORM})\.bias", r"\g<m>.beta", "GroupNorm/LayerNorm bias is 'beta' in MindSpore"),
+    Rule(rf"(?P<m>{_EMBEDDING})\.weight", r"\g<m>.embedding_table", "nn.Embedding weight is 'embedding_table'"),
+    Rule(r".*", r"\g<0>", "same name"),
+)
+
+
+def sd_to_ms_name(sd_key: str, rules: tuple[Rule, ...] = RULES) -> tuple[str | None, Rule]:
+    """The MindSpore name of an SD key (None = dropped) and the rule that decided it."""
+    for rule in rules:
+        match = rule.regex.fullmatch(sd_key)
+        if match is not None:
+            return (None if rule.replacement is None else match.expand(rule.replacement)), rule
+    raise AssertionError("the last rule matches every key")  # pragma: no cover

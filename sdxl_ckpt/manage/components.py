@@ -1,0 +1,35 @@
+"""Which model component a tensor belongs to, decided by its SD (sgm) name prefix or its diffusers sub-folder.
+
+MindSpore names share the SD prefixes (only suffixes differ), so one prefix table serves SD files, MindSpore
+safetensors and ckpt. A name that matches no prefix is reported as ``other``: merges and exports often carry
+stray tensors (EMA copies, ``denoiser.sigmas``...) that a user should see before converting.
+"""
+
+from __future__ import annotations
+
+COMPONENTS = ("unet", "vae", "clip_l", "openclip", "other")
+
+# (SD / MindSpore name prefix, component); the refiner's only text encoder is OpenCLIP at embedders.0
+SD_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("model.diffusion_model.", "unet"),
+    ("first_stage_model.", "vae"),
+    ("conditioner.embedders.0.transformer.", "clip_l"),
+    ("conditioner.embedders.1.model.", "openclip"),
+    ("conditioner.embedders.0.model.", "openclip"),
+)
+
+# diffusers pipeline sub-folder -> component
+DIFFUSERS_FOLDERS: dict[str, str] = {
+    "unet": "unet",
+    "vae": "vae",
+    "text_encoder": "clip_l",
+    "text_encoder_2": "openclip",
+}
+
+
+def component_of(name: str) -> str:
+    """The component of an SD or MindSpore tensor name (``other`` when no prefix matches)."""
+    for prefix, component in SD_PREFIXES:
+        if name.startswith(prefix):
+            return component
+    return "other"

@@ -1,0 +1,94 @@
+"""NaN / Inf detection on raw tensor storage, shared by inspect, diff and the converters' writers.
+
+A checkpoint with non-finite weights still converts (the bytes are faithfully moved), but the user must hear
+about it: it is the usual sign of a broken merge or an fp16 overflow. Half-precision values are tested on their
+bit patterns (exponent all ones), which is exact and much faster than numpy's float16 ufuncs.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+# safetensors float dtype -> (same-width unsigned view, exponent mask): a value is NaN or Inf exactly when all its
+# exponent bits are set, i.e. when (bits & ~sign) >= exponent mask; NaN when it is strictly greater
+_FLOAT_BITS = {
+    "F16": (np.dtype("<u2"), 0x7C00),
+    "BF16": (np.dtype("<u2"), 0x7F80),
+    "F32": (np.dtype("<u4"), 0x7F800000),
+    "F64": (np.dtype("<u8"), 0x7FF0000000000000),
+}
+CHUNK_ELEMENTS = 1 << 18  # small enough to stay in cache: the fast path costs ~0.3 s per GB of fp16
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """How many NaN and +-Inf values a tensor holds."""
+
+    nan: int = 0
+    inf: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.nan or self.inf)
+
+    def __add__(self, other: NonFinite) -> NonFinite:
+        return NonFinite(self.nan + other.nan, self.inf + other.inf)
+
+    def describe(self) -> str:
+        return f"{self.nan} NaN, {self.inf} Inf"
+
+
+def count_nonfinite(array: np.ndarray, st_dtype: str) -> NonFinite:
+    """NaN / Inf counts of ``array`` held in the storage dtype of safetensors dtype ``st_dtype``.
+
+    Integer and bool tensors are always finite. ``array`` may be any chunk of whole elements. The common case (all
+    finite) is one chunked max over the magnitude bits; exact counts are taken only when something was found.
+    """
+    if st_dtype not in _FLOAT_BITS:
+        return NonFinite()
+    view, exp_mask = _FLOAT_BITS[st_dtype]
+    bits = np.ascontiguousarray(array).reshape(-1).view(view)
+    magnitude_mask = view.type(np.iinfo(view).max >> 1)
+    scratch = np.empty(min(CHUNK_ELEMENTS, bits.size), dtype=view)
+    nan = inf = 0
+    for start in range(0, bits.size, CHUNK_ELEMENTS):
+        chunk = bits[start:start + CHUNK_ELEMENTS]
+        magnitude = np.bitwise_and(chunk, magnitude_mask, out=scratch[:chunk.size])
+        if magnitude.max() < exp_mask:
+            continue
+        special = np.count_nonzero(magnitude >= exp_mask)
+        chunk_nan = np.count_nonzero(magnitude > exp_mask)
+        nan += int(chunk_nan)
+        inf += int(special - chunk_nan)
+    return NonFinite(nan, inf)
+
+
+class NonFiniteWatch:
+    """Used by the writers: checks each tensor as it is written and prints one ``warning:`` line per tensor holding
+    NaN / Inf (the first ``shown``; then one summary line), on stderr above any progress bar. Values are kept."""
+
+    def __init__(self, source: object = None, shown: int = 10) -> None:
+        self.source, self.shown = source, shown
+        self.found: dict[str, NonFinite] = {}
+
+    def check(self, name: str, array: np.ndarray, st_dtype: str) -> NonFinite:
+        found = count_nonfinite(array, st_dtype)
+        if found:
+            self.found[name] = found
+            if len(self.found) <= self.shown:
+                where = f"{self.source}: " if self.source else ""
+                _warn(f"warning: {where}key {name!r}: {found.describe()} values (written as they are)")
+        return found
+
+    def finish(self) -> None:
+        hidden = len(self.found) - self.shown
+        if hidden > 0:
+            total = sum(self.found.values(), NonFinite())
+            _warn(f"warning: {hidden} more tensors hold NaN / Inf ({len(self.found)} in all, {total.describe()})")
+
+
+def _warn(line: str) -> None:
+    tqdm.write(line, file=sys.stderr)

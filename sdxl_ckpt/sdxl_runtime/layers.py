@@ -1,0 +1,152 @@
+"""Building blocks shared by the text encoders, the UNet and the VAE.
+
+Parameters are created with a lazy ``zeros`` initializer in the compute dtype: building even the full-size
+network allocates nothing until the loader fills each parameter (or a forward pass materialises the zeros), so
+a ckpt is never held next to a second copy of the weights. Parameter NAMES come from MindSpore's own cells
+(GroupNorm/LayerNorm ``gamma``/``beta``, Dense/Conv2d ``weight``/``bias``) and ``embedding_table`` for
+embeddings: exactly the MindSpore keymap names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
+
+from sdxl_ckpt.sdxl_runtime.device import Runtime
+
+
+def dense(in_features: int, out_features: int, rt: Runtime, bias: bool = True) -> nn.Dense:
+    """A Linear layer (``weight`` [out, in], ``bias`` [out])."""
+    return nn.Dense(in_features, out_features, weight_init="zeros", bias_init="zeros", has_bias=bias,
+                    dtype=rt.ms_dtype)
+
+
+def conv2d(in_channels: int, out_channels: int, kernel: int, rt: Runtime, stride: int = 1,
+           padding: int = 0) -> nn.Conv2d:
+    """A Conv2d with bias and symmetric zero padding (``padding`` 0 means none)."""
+    return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, pad_mode="pad" if padding else "valid",
+                     padding=padding, has_bias=True, weight_init="zeros", bias_init="zeros", dtype=rt.ms_dtype)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the activation dtype (sgm's GroupNorm32); ``gamma``/``beta``."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float, rt: Runtime) -> None:
+        super().__init__(num_groups, num_channels, eps=eps, gamma_init="zeros", beta_init="zeros",
+                         dtype=rt.ms_dtype)
+
+    def construct(self, x: Tensor) -> Tensor:
+        out = ops.group_norm(x.astype(ms.float32), self.num_groups, self.gamma.astype(ms.float32),
+                             self.beta.astype(ms.float32), self.eps)
+        return out.astype(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over the last axis computed in float32; ``gamma``/``beta``; eps given explicitly."""
+
+    def __init__(self, dim: int, eps: float, rt: Runtime) -> None:
+        super().__init__((dim,), gamma_init="zeros", beta_init="zeros", epsilon=eps, dtype=rt.ms_dtype)
+
+    def construct(self, x: Tensor) -> Tensor:
+        # the LayerNorm primitive of nn.LayerNorm (ops.layer_norm has no CPU kernel)
+        out, _, _ = self.layer_norm(x.astype(ms.float32), self.gamma.astype(ms.float32),
+                                    self.beta.astype(ms.float32))
+        return out.astype(x.dtype)
+
+
+class Embedding(nn.Cell):
+    """A lookup table whose parameter is named ``embedding_table`` (MindSpore's nn.Embedding name)."""
+
+    def __init__(self, num: int, dim: int, rt: Runtime) -> None:
+        super().__init__()
+        self.embedding_table = Parameter(initializer("zeros", (num, dim), rt.ms_dtype))
+
+    def construct(self, ids: Tensor) -> Tensor:
+        return ops.gather(self.embedding_table, ids, 0)
+
+
+class GELU(nn.Cell):
+    """The exact (erf) GELU of torch.nn.GELU() / OpenCLIP; MindSpore's nn.GELU defaults to the tanh form."""
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.gelu(x, approximate="none")
+
+
+class QuickGELU(nn.Cell):
+    """OpenAI CLIP's activation: ``x * sigmoid(1.702 x)``."""
+
+    def construct(self, x: Tensor) -> Tensor:
+        return x * ops.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Cell:
+    return {"gelu": GELU, "quick_gelu": QuickGELU}[name]()
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """[B, N, H*D] -> [B, H, N, D]."""
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """[B, H, N, D] -> [B, N, H*D]."""
+    b, h, n, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, rt: Runtime, mask: Tensor | None = None) -> Tensor:
+    """Scaled dot-product attention over [B, N, H*D] inputs; softmax in float32; ``mask`` is added to the scores.
+
+    On Ascend in fp16 (and without a mask) the fused FlashAttentionScore kernel computes the same thing.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1] // heads)
+    if rt.flash_attention and mask is None:
+        out = ops.flash_attention_score(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), heads,
+                                        scalar_value=scale, input_layout="BNSD")
+        return merge_heads(out)
+    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    scores = ops.matmul(qh, kh.transpose(0, 1, 3, 2)).astype(ms.float32) * scale
+    if mask is not None:
+        scores = scores + mask
+    probs = ops.softmax(scores, axis=-1).astype(v.dtype)
+    return merge_heads(ops.matmul(probs, vh))
+
+
+def sinusoid_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
+    """float32 ``exp(-ln(max_period) * i / half)``, i < half: diffusers' float32 exponent, correctly rounded exp.
+
+    MindSpore's CPU float32 ``exp`` is off by an ulp for most inputs, and an ulp of a frequency times a timestep
+    of 1000 is visible in the embedding; numpy's float64 ``exp`` rounded to float32 equals torch's float32 ``exp``
+    for all but a few of them.
+    """
+    half = dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Cos-first sinusoidal embedding of float timesteps [B] -> [B, dim], float32.
+
+    sgm's ``timestep_embedding`` and diffusers' ``Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`` are
+    the same function: ``[cos(t*f), sin(t*f)]``, ``f = exp(-ln(max_period) * i / half)``. The product ``t*f`` is
+    rounded to float32 as in diffusers; cos/sin are evaluated in float64 (MindSpore's float32 ones are less
+    accurate than torch's) and rounded, so the embedding of t = 999 or of a size scalar of 1024 matches.
+    """
+    freqs = Tensor(sinusoid_frequencies(dim, max_period))
+    args = (t.astype(ms.float32).reshape(-1, 1) * freqs.reshape(1, -1)).astype(ms.float64)
+    emb = ops.cat([ops.cos(args), ops.sin(args)], axis=-1).astype(ms.float32)
+    if dim % 2:
+        emb = ops.pad(emb, (0, 1))
+    return emb
+
+
+def upsample_nearest2x(x: Tensor) -> Tensor:
+    """Nearest-neighbour 2x upsampling of [B, C, H, W] (F.interpolate(scale_factor=2, mode="nearest")), exact."""
+    b, c, h, w = x.shape
+    x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2))
+    return x.reshape(b, c, 2 * h, 2 * w)

@@ -1,0 +1,248 @@
+"""Load the independent reference: diffusers' own SDXL pipeline, from a diffusers folder or an SD single file.
+
+torch / diffusers / transformers are imported inside the functions (the optional ``reference`` extra), so the rest
+of sdxl_ckpt imports without them. Everything runs in float32 on the CPU, offline.
+
+Schedule alignment with our sampler (each one is recorded in the reference metadata):
+- Euler / DPM++2M: diffusers' "trailing" timestep spacing is generative-models' LegacyDDPM rule
+  ``linspace(999, 0, n, endpoint=False).astype(int)`` whenever n divides 1000; for other n the reference passes our
+  timesteps explicitly (``timesteps=``), so both sides visit the same training sigmas.
+- LCM: LCMScheduler's own rule (50 distillation steps, evenly by index; 999, 759, 499, 259 for 4 steps), which our
+  ``lcm_timesteps`` reproduces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.sdxl_runtime.sampling.discretization import legacy_ddpm_timesteps
+
+REFERENCE_SAMPLERS = ("euler", "dpmpp_2m", "lcm")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def require_torch() -> None:
+    """A clear message when the reference extra is missing (verify itself never needs it)."""
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise InputError(f"'reference' needs torch, diffusers and transformers: pip install -e '.[reference]' ({exc})") \
+            from None
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """diffusers / transformers log and warn about things that do not matter here (offline, tiny configs)."""
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as t_logging
+
+    levels = d_logging.get_verbosity(), t_logging.get_verbosity()
+    bars = d_logging.is_progress_bar_enabled(), t_logging.is_progress_bar_enabled()
+    d_logging.set_verbosity_error()
+    t_logging.set_verbosity_error()
+    d_logging.disable_progress_bar()
+    t_logging.disable_progress_bar()
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        d_logging.set_verbosity(levels[0])
+        t_logging.set_verbosity(levels[1])
+        if bars[0]:
+            d_logging.enable_progress_bar()
+        if bars[1]:
+            t_logging.enable_progress_bar()
+
+
+@dataclass
+class LoadedPipeline:
+    pipe: Any
+    refiner: bool
+    kind: str  # "folder" | "single_file"
+    metadata: dict[str, str]  # the SD file's metadata ({} for a folder)
+
+
+def _weights_variant(folder: Path) -> str | None:
+    """"fp16" when the UNet folder holds only ``*.fp16.safetensors`` (diffusers then needs ``variant="fp16"``)."""
+    unet = folder / "unet"
+    files = [p.name for p in unet.glob("*.safetensors")] if unet.is_dir() else []
+    if files and all(".fp16." in name for name in files):
+        return "fp16"
+    return None
+
+
+def _is_refiner_folder(folder: Path) -> bool:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise InputError("not a diffusers pipeline folder (no model_index.json)", path=folder)
+    index = json.loads(index_path.read_text())
+    encoder = index.get("text_encoder") or [None, None]
+    return encoder[0] is None or "Img2Img" in str(index.get("_class_name", ""))
+
+
+def load_unet(unet_dir: Path) -> Any:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    if not (unet_dir / "config.json").is_file():
+        raise InputError("not a diffusers UNet folder (no config.json)", path=unet_dir)
+    variant = "fp16" if all(".fp16." in p.name for p in unet_dir.glob("*.safetensors")) else None
+    return UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32, variant=variant,
+                                                local_files_only=True)
+
+
+def _pipeline_class(refiner: bool) -> Any:
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
+
+
+def _config_folder_from_metadata(metadata: dict[str, str], out: Path, config_dir: Path | None) -> bool:
+    """Write a diffusers config folder (model_index, component configs, scheduler, tokenizers) for from_single_file.
+
+    Component configs come from the ``sdxl_ckpt.config.*`` metadata diffusers-to-sd writes. Tokenizers are not in
+    an SD file: the tiny byte-level ones are rebuilt when the vocabulary is the tiny one, otherwise they are taken
+    from ``config_dir`` (any diffusers SDXL folder). Returns whether it is a refiner.
+    """
+    from sdxl_ckpt.tiny_model import SCHEDULER_CONFIG, TINY_VOCAB_SIZE, model_index, write_tokenizers
+
+    configs = {c: metadata.get(f"sdxl_ckpt.config.{c}") for c in COMPONENTS}
+    missing = [c for c in ("unet", "vae", "text_encoder_2") if configs[c] is None]
+    if missing:
+        raise InputError("SD file has no sdxl_ckpt.config.* metadata for " + ", ".join(missing)
+                         + " (not written by diffusers-to-sd): pass --config DIR, a diffusers folder of this model")
+    refiner = configs["text_encoder"] is None
+    variant = "refiner" if refiner else "base"
+    (out / "model_index.json").write_text(json.dumps(model_index(variant)))
+    for component, text in configs.items():
+        if text is not None:
+            (out / component).mkdir()
+            (out / component / "config.json").write_text(text)
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    vocab = json.loads(configs["text_encoder_2"]).get("vocab_size")
+    if config_dir is not None:
+        for name in ("tokenizer", "tokenizer_2"):
+            if (config_dir / name).is_dir():
+                import shutil
+
+                shutil.copytree(config_dir / name, out / name)
+    elif vocab == TINY_VOCAB_SIZE:
+        write_tokenizers(out, variant)
+    else:
+        raise InputError("an SD file carries no tokenizer: pass --config DIR, a diffusers folder with tokenizer/ "
+                         "and tokenizer_2/")
+    return refiner
+
+
+def load_pipeline(src: str | Path, unet_dir: str | Path | None = None, config_dir: str | Path | None = None
+                  ) -> LoadedPipeline:
+    """diffusers' SDXL pipeline (txt2img, or img2img for a refiner) in float32 on the CPU, offline."""
+    import torch
+
+    src = Path(src)
+    unet = load_unet(Path(unet_dir)) if unet_dir is not None else None
+    extra = {"unet": unet} if unet is not None else {}
+    with quiet_libraries():
+        if src.is_dir():
+            refiner = _is_refiner_folder(src)
+            pipe = _pipeline_class(refiner).from_pretrained(src, torch_dtype=torch.float32, local_files_only=True,
+                                                            variant=_weights_variant(src), **extra)
+            return LoadedPipeline(pipe, refiner, "folder", {})
+        if not src.is_file():
+            raise InputError("source not found (expected a diffusers folder or an SD .safetensors file)", path=src)
+        from sdxl_ckpt.convert.safetensors_io import read_safetensors
+
+        metadata = dict(read_safetensors(src).metadata or {})
+        with tempfile.TemporaryDirectory(prefix="sdxl-ckpt-config-") as tmp:
+            if config_dir is not None and (Path(config_dir) / "model_index.json").is_file() \
+                    and not any(k.startswith("sdxl_ckpt.config.") for k in metadata):
+                cfg_dir, refiner = Path(config_dir), _is_refiner_folder(Path(config_dir))
+            else:
+                cfg_dir = Path(tmp)
+                refiner = _config_folder_from_metadata(metadata, cfg_dir,
+                                                       Path(config_dir) if config_dir is not None else None)
+            pipe = _pipeline_class(refiner).from_single_file(str(src), config=str(cfg_dir), local_files_only=True,
+                                                             torch_dtype=torch.float32, **extra)
+        return LoadedPipeline(pipe, refiner, "single_file", metadata)
+
+
+# --- the scheduler, configured to our sampler ---------------------------------------------------------------------
+
+def check_training_schedule(config: dict[str, Any]) -> dict[str, Any]:
+    """The DDPM schedule both sides rebuild: SDXL's scaled-linear betas, eps prediction; anything else is refused."""
+    if config.get("beta_schedule") != "scaled_linear" or config.get("trained_betas") is not None:
+        raise InputError(f"scheduler beta_schedule {config.get('beta_schedule')!r} is not supported (scaled_linear)")
+    if config.get("prediction_type", "epsilon") != "epsilon":
+        raise InputError(f"prediction_type {config.get('prediction_type')!r} is not supported (epsilon)")
+    if config.get("rescale_betas_zero_snr"):
+        raise InputError("rescale_betas_zero_snr is not supported")
+    return {"beta_start": float(config["beta_start"]), "beta_end": float(config["beta_end"]),
+            "num_train_timesteps": int(config["num_train_timesteps"])}
+
+
+def configure_scheduler(pipe: Any, sampler: str, steps: int) -> tuple[Any, list[int] | None, str]:
+    """Replace the pipeline's scheduler with the one matching ``sampler``.
+
+    Returns (scheduler, explicit timesteps or None, a sentence saying how the schedules were aligned).
+    """
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
+
+    if sampler not in REFERENCE_SAMPLERS:
+        raise InputError(f"sampler {sampler!r} has no diffusers reference (choose {', '.join(REFERENCE_SAMPLERS)})")
+    base = dict(pipe.scheduler.config)
+    train = check_training_schedule(base)
+    common = {"beta_schedule": "scaled_linear", "prediction_type": "epsilon", "trained_betas": None, **train}
+    if sampler == "lcm":
+        scheduler = LCMScheduler.from_config(base, **common, original_inference_steps=50, timestep_scaling=10.0,
+                                             clip_sample=False, thresholding=False)
+        note = "LCMScheduler's own timesteps (original_inference_steps 50), which lcm_timesteps reproduces"
+        pipe.scheduler = scheduler
+        return scheduler, None, note
+    if sampler == "euler":
+        scheduler = EulerDiscreteScheduler.from_config(
+            base, **common, timestep_spacing="trailing", interpolation_type="linear", use_karras_sigmas=False,
+            use_exponential_sigmas=False, use_beta_sigmas=False, final_sigmas_type="zero", timestep_type="discrete")
+    else:
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            base, **common, timestep_spacing="trailing", algorithm_type="dpmsolver++", solver_order=2,
+            solver_type="midpoint", lower_order_final=True, euler_at_final=False, final_sigmas_type="zero",
+            use_karras_sigmas=False, use_lu_lambdas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+            thresholding=False, lambda_min_clipped=-float("inf"), variance_type=None)
+    pipe.scheduler = scheduler
+    ours = legacy_ddpm_timesteps(steps, train["num_train_timesteps"])[::-1].tolist()
+    scheduler.set_timesteps(steps)
+    if [int(t) for t in scheduler.timesteps.tolist()] == ours:
+        return scheduler, None, "diffusers 'trailing' spacing equals LegacyDDPM's timesteps for this step count"
+    return scheduler, ours, "LegacyDDPM timesteps passed explicitly (trailing spacing differs for this step count)"
+
+
+def latent_space(scheduler: Any) -> str:
+    """"ve" when the scheduler's latents are ``x0 + sigma eps`` (Euler), "vp" when DDPM-scaled (DPM-Solver, LCM)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return "ve" if isinstance(scheduler, EulerDiscreteScheduler) else "vp"
+
+
+def sigmas_of(scheduler: Any, timesteps: list[int]) -> np.ndarray:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) of the scheduler's own (float32) abar at the steps run, then 0."""
+    import torch
+
+    abar = scheduler.alphas_cumprod[torch.tensor(timesteps, dtype=torch.long)]
+    sigmas = ((1 - abar) / abar) ** 0.5
+    return np.concatenate([sigmas.numpy().astype(np.float32), np.zeros(1, np.float32)])

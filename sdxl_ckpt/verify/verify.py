@@ -1,0 +1,327 @@
+"""``sdxl-ckpt verify``: run the MindSpore runtime on the reference's inputs and compare, stage by stage, in order.
+
+No torch here. The network is built from the component configs stored in the reference, the checkpoint is loaded
+with the runtime's strict loader, and the MindSpore side gets only what a user of the ckpt would have: token ids,
+size/crop scalars, the initial noise (and, for img2img, the init image; for LCM the between-step noise). Every
+later stage is computed from OUR earlier results, except ``unet.first``, which feeds the reference's own UNet
+inputs so a UNet fault is told apart from a conditioning fault.
+
+The stage table (``STAGES``) is data: name, which reference array, how the MindSpore side computes it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.sdxl_runtime.sampling import (
+    DiscreteDenoiser,
+    LegacyDDPMDiscretization,
+    img2img_sample,
+    img2img_start,
+    initial_sample,
+    lcm_timesteps,
+    make_denoise,
+    make_guider,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_lcm,
+)
+from sdxl_ckpt.verify.compare import StageResult, Tolerances, compare, first_failure, report_dict
+from sdxl_ckpt.verify.refdata import Reference
+
+VERIFY_SAMPLERS = ("euler", "dpmpp_2m", "lcm")
+
+
+@dataclass
+class Session:
+    """The runtime, the reference, and our intermediate results as the stages produce them."""
+
+    rt: Any
+    ref: Reference
+    ours: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def s(self) -> dict[str, Any]:
+        return self.ref.settings
+
+    @property
+    def refiner(self) -> bool:
+        return self.rt.config.is_refiner
+
+    @property
+    def cfg(self) -> bool:
+        """diffusers' rule: classic CFG when guidance > 1 and the UNet has no guidance embedding."""
+        return self.s["guidance"] > 1 and self.rt.config.unet.time_cond_proj_dim is None
+
+    def branches(self) -> list[str]:
+        """Branches whose text is encoded, in reference order: cond, then uncond when it was encoded."""
+        return ["cond", "uncond"] if self.cfg and self.s["uncond"] == "encoded" else ["cond"]
+
+
+# --- stage computations (each returns our array; may stash results in session.ours) ---------------------------
+
+def _schedule(ss: Session) -> np.ndarray:
+    sched = ss.ref.meta["schedule"]
+    disc = LegacyDDPMDiscretization(sched["beta_start"], sched["beta_end"], sched["num_train_timesteps"])
+    n = ss.s["steps"]
+    timesteps = lcm_timesteps(n) if ss.s["sampler"] == "lcm" else disc.timesteps(n)
+    start = img2img_start(n, ss.s["strength"]) if ss.refiner else 0
+    timesteps = timesteps[start:]
+    ss.ours.update(disc=disc, timesteps=timesteps, sigmas=disc.sigmas_for(timesteps))
+    if timesteps.tolist() != ss.ref["timesteps"].tolist():
+        ss.ours["schedule_note"] = f"timesteps {timesteps.tolist()} vs reference {ss.ref['timesteps'].tolist()}"
+    return ss.ours["sigmas"]
+
+
+def _encode(ss: Session) -> None:
+    if "te" in ss.ours:
+        return
+    outs = {}
+    for b in ss.branches():
+        ids_l = None if ss.refiner else ss.ref[f"ids1_{b}"]
+        outs[b] = ss.rt.encode_text(ids_l, ss.ref[f"ids2_{b}"])
+    ss.ours["te"] = outs
+
+
+def _stack(ss: Session, index: int) -> np.ndarray:
+    _encode(ss)
+    return np.concatenate([ss.ours["te"][b][index] for b in ss.branches()], axis=0)
+
+
+def _ref_stack(prefix: str) -> Callable[[Session], np.ndarray]:
+    return lambda ss: np.concatenate([ss.ref[f"{prefix}_{b}"] for b in ss.branches()], axis=0)
+
+
+def _conditioning(ss: Session) -> None:
+    """context and y per branch; the unconditional branch is zeros when the pipeline zeroed it."""
+    if "cond" in ss.ours:
+        return
+    _encode(ss)
+    time_ids = ss.ref["time_ids"]  # [B, 6 | 5] rows in batch order [uncond, cond]
+    rows = {"uncond": time_ids[0:1], "cond": time_ids[-1:]}
+    result = {}
+    for b in (["uncond", "cond"] if ss.cfg else ["cond"]):
+        te = ss.ours["te"].get(b)
+        if te is None:  # force_zeros_for_empty_prompt: zero text embeddings, real size embeddings
+            cl, cg, pooled = (np.zeros_like(x) if x is not None else None for x in ss.ours["te"]["cond"])
+        else:
+            cl, cg, pooled = te
+        r = rows[b][0]
+        sizes = ({"original_size": r[0:2], "crop_coords_top_left": r[2:4], "aesthetic_score": r[4:5]}
+                 if ss.refiner else
+                 {"original_size": r[0:2], "crop_coords_top_left": r[2:4], "target_size": r[4:6]})
+        context, y = ss.rt.conditioning(cl, cg, pooled, **sizes)
+        result[b] = {"context": context, "y": y}
+        if ss.rt.config.unet.time_cond_proj_dim is not None:
+            result[b]["w_cond"] = ss.rt.guidance_embedding(ss.s["guidance"], 1)
+    ss.ours["cond"] = result
+
+
+def _batched(ss: Session, key: str) -> np.ndarray:
+    _conditioning(ss)
+    return np.concatenate([ss.ours["cond"][b][key] for b in (["uncond", "cond"] if ss.cfg else ["cond"])])
+
+
+def _init_latent(ss: Session) -> np.ndarray:
+    ss.ours["init_latent"] = ss.rt.encode(ss.ref["init_image"]) * np.float32(ss.rt.config.vae.scaling_factor)
+    return ss.ours["init_latent"]
+
+
+def _unet_first(ss: Session) -> np.ndarray:
+    r = ss.ref
+    return ss.rt.unet(r["unet_in_x"], r["unet_in_t"], r["unet_in_context"], r["unet_in_y"], r.get("timestep_cond"))
+
+
+def _sample(ss: Session) -> None:
+    """Our sampler from the reference's noise with our conditioning; records the sample after every step."""
+    if "states" in ss.ours:
+        return
+    _conditioning(ss)
+    if "sigmas" not in ss.ours:
+        _schedule(ss)
+    sigmas, noise = ss.ours["sigmas"], ss.ref["noise"]
+    conds = ss.ours["cond"]
+
+    def network(x: np.ndarray, t: np.ndarray, cond: dict[str, np.ndarray]) -> np.ndarray:
+        return ss.rt.unet(x, t, cond["context"], cond["y"], cond.get("w_cond"))
+
+    denoise = make_denoise(network, DiscreteDenoiser(ss.ours["disc"].table), make_guider(ss.s["guidance"], ss.cfg),
+                           conds["cond"], conds.get("uncond"))
+    if ss.refiner:
+        z = ss.ours.get("init_latent")
+        x = img2img_sample(z if z is not None else _init_latent(ss), noise, float(sigmas[0]))
+    else:
+        x = initial_sample(noise, sigmas)
+    states: list[np.ndarray] = []
+    callback = lambda i, xi: states.append(xi)  # noqa: E731
+    sampler = ss.s["sampler"]
+    if sampler == "euler":
+        sample_euler(denoise, x, sigmas, callback=callback)
+    elif sampler == "dpmpp_2m":
+        sample_dpmpp_2m(denoise, x, sigmas, callback=callback)
+    else:
+        step_noise = iter(ss.ref["step_noise"]) if "step_noise" in ss.ref else iter(())
+        sample_lcm(denoise, x, sigmas, ss.ours["timesteps"], noise_sampler=lambda s, sn: next(step_noise),
+                   callback=callback)
+    ss.ours["states"] = states
+
+
+def _step(i: int) -> Callable[[Session], np.ndarray]:
+    """The sample after step i in the reference's space (VP schedulers hold x / sqrt(1 + sigma^2))."""
+
+    def compute(ss: Session) -> np.ndarray:
+        _sample(ss)
+        x = ss.ours["states"][i]
+        if ss.ref.meta["schedule"]["latent_space"] == "vp":
+            sigma = float(ss.ours["sigmas"][i + 1])
+            x = x * np.float32(1.0 / math.sqrt(1.0 + sigma * sigma))
+        return x
+
+    return compute
+
+
+def _decoded(ss: Session) -> np.ndarray:
+    _sample(ss)
+    ss.ours["decoded"] = ss.rt.decode(ss.ours["states"][-1] / np.float32(ss.rt.config.vae.scaling_factor))
+    return ss.ours["decoded"]
+
+
+def _image(ss: Session) -> np.ndarray:
+    if "decoded" not in ss.ours:
+        _decoded(ss)
+    img = np.clip(ss.ours["decoded"] / np.float32(2) + np.float32(0.5), 0, 1)  # diffusers' denormalize
+    return img.transpose(0, 2, 3, 1)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    reference: str  # the reference array(s), for the report
+    ref: Callable[[Session], np.ndarray]
+    ours: Callable[[Session], np.ndarray]
+    image: bool = False
+
+
+def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
+    """The ordered stage table for this reference: conditioning, UNet, every step, final latent, image."""
+    get = lambda key: (lambda ss: ss.ref[key])  # noqa: E731
+    table = [Stage("schedule", "sigmas", get("sigmas"), _schedule)]
+    if not refiner:
+        table.append(Stage("text_encoder_1", "te1_hidden_*", _ref_stack("te1_hidden"), lambda ss: _stack(ss, 0)))
+    table += [
+        Stage("text_encoder_2.hidden", "te2_hidden_*", _ref_stack("te2_hidden"), lambda ss: _stack(ss, 1)),
+        Stage("text_encoder_2.pooled", "te2_pooled_*", _ref_stack("te2_pooled"), lambda ss: _stack(ss, 2)),
+        Stage("context", "context", get("context"), lambda ss: _batched(ss, "context")),
+        Stage("y", "y", get("y"), lambda ss: _batched(ss, "y")),
+    ]
+    if cond_proj:
+        table.append(Stage("guidance_embedding", "timestep_cond", get("timestep_cond"),
+                           lambda ss: _batched(ss, "w_cond")))
+    if refiner:
+        table.append(Stage("vae_encode", "init_latent", get("init_latent"), _init_latent))
+    table.append(Stage("unet.first", "unet_out", get("unet_out"), _unet_first))
+    n = len(ref["timesteps"])
+    table += [Stage(f"step {i + 1}/{n}", f"latents[{i}]", (lambda ss, i=i: ss.ref["latents"][i]), _step(i))
+              for i in range(n)]
+    table += [
+        Stage("final_latent", "final_latent", get("final_latent"), _step(n - 1)),
+        Stage("decoded", "decoded", get("decoded"), _decoded),
+        Stage("image", "image", get("image"), _image, image=True),
+    ]
+    return table
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+@dataclass
+class VerifyReport:
+    results: list[StageResult]
+    context: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return first_failure(self.results) is None
+
+    @property
+    def first_failure(self) -> StageResult | None:
+        return first_failure(self.results)
+
+    def as_dict(self) -> dict[str, Any]:
+        return report_dict(self.results, self.context)
+
+
+def runtime_config(ref: Reference) -> Any:
+    """The runtime's SDXLConfig from the component configs the reference stored."""
+    from sdxl_ckpt.sdxl_runtime.config import from_diffusers_configs
+
+    c = ref.configs
+    return from_diffusers_configs(c["unet"], c["vae"], c.get("text_encoder"), c["text_encoder_2"],
+                                  variant=ref.meta.get("variant"))
+
+
+def verify_checkpoint(ckpt: str | os.PathLike, ref: Reference, *, sampler: str | None = None, device: str = "CPU",
+                      dtype: str = "fp32", overrides: dict[str, float] | None = None, quiet: bool = True,
+                      progress: Callable[[str], None] | None = None) -> VerifyReport:
+    """Load ``ckpt`` strictly into a runtime built from ``ref``'s configs and judge every stage."""
+    from sdxl_ckpt.progress import step_bar
+    from sdxl_ckpt.sdxl_runtime.api import SDXLRuntime
+
+    ref_sampler = ref.settings["sampler"]
+    if sampler is not None and sampler != ref_sampler:
+        raise InputError(f"the reference was made with --sampler {ref_sampler}; verify compares the same sampler "
+                         f"(make a {sampler} reference to check {sampler})")
+    if ref_sampler not in VERIFY_SAMPLERS:
+        raise InputError(f"unknown sampler {ref_sampler!r} in the reference")
+    tol = Tolerances(dtype, dict(overrides or {}))
+    start = time.perf_counter()
+    rt = SDXLRuntime.from_checkpoint(ckpt, runtime_config(ref), device=device, dtype=dtype, quiet=quiet)
+    loaded = time.perf_counter() - start
+    session = Session(rt, ref)
+    results = []
+    table = stages_for(ref, rt.config.is_refiner, rt.config.unet.time_cond_proj_dim is not None)
+    with step_bar(len(table), "verify", quiet) as bar:
+        for stage in table:
+            ours = stage.ours(session)
+            note = session.ours.pop("schedule_note", "") if stage.name == "schedule" else ""
+            result = compare(stage.name, stage.reference, ours, stage.ref(session), tol, image=stage.image,
+                             ref_u8=ref["image_u8"] if stage.image else None, note=note)
+            if note:
+                result.passed = False
+            results.append(result)
+            if progress is not None:
+                progress(stage.name)
+            bar.update(1)
+    context = {
+        "checkpoint": str(Path(ckpt)), "reference": ref.meta.get("path"), "variant": ref.meta.get("variant"),
+        "sampler": ref_sampler, "device": device, "dtype": dtype, "steps_run": len(ref["timesteps"]),
+        "load_seconds": round(loaded, 3), "total_seconds": round(time.perf_counter() - start, 3),
+        "runtime_notes": rt.notes,
+        "tolerances": {"rel_l2": tol.rtol(""), "image_levels": tol.image_levels(), "overrides": tol.overrides},
+    }
+    return VerifyReport(results, context)
+
+
+TABLE_COLUMNS = ("stage", "rel_l2", "max_abs", "cosine", "tol", "levels_max", "levels_mean", "psnr", "ok", "note")
+
+
+def render(report: VerifyReport) -> str:
+    """The table, then one verdict line naming the first failing stage."""
+    from sdxl_ckpt.report import render_table
+
+    lines = [render_table([r.row() for r in report.results], TABLE_COLUMNS)]
+    failed = report.first_failure
+    if failed is None:
+        lines.append(f"PASS: all {len(report.results)} stages within tolerance ({report.context['dtype']})")
+    else:
+        lines.append(f"FAIL: first failing stage: {failed.name} (rel L2 {failed.rel_l2:.3g} > {failed.tolerance:g}"
+                     + (f"; {failed.note}" if failed.note else "") + ") -- look there first")
+    return "\n".join(lines)

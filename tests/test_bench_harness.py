@@ -1,0 +1,117 @@
+"""The bench harness at tiny scale: it runs every case through the real CLI and writes a well-formed table.
+
+No timing is asserted (CI machines vary); what is asserted is structure and facts that do not depend on speed:
+the memory sampler sees an allocation, the cap kills a runaway command, a plain copy writes exactly its input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import pagecache
+from bench.__main__ import main as bench_main
+from bench.cases import DEFAULT_KEYS
+from bench.procmem import run_measured
+from bench.tables import TABLE_COLUMNS
+
+ALLOC = 200_000_000
+
+
+def test_sampler_sees_anonymous_memory(tmp_path):
+    code = f"import time; b = bytearray({ALLOC}); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.2)"
+    m = run_measured([sys.executable, "-c", code], log_dir=tmp_path)
+    assert m.ok and m.samples > 0
+    assert m.peak_anon >= ALLOC and m.peak_hwm >= ALLOC
+    assert m.peak_total >= m.peak_anon and m.peak_file > 0  # the interpreter's own mapped files
+
+
+def test_cap_kills_runaway_command(tmp_path):
+    code = f"import time; b = bytearray({ALLOC}); b[::4096] = b'x' * len(b[::4096]); time.sleep(5)"
+    m = run_measured([sys.executable, "-c", code], log_dir=tmp_path, cap_bytes=ALLOC // 2)
+    assert m.exceeded_cap and not m.ok and m.wall_s < 5
+
+
+def _fs_type(path: Path) -> str:
+    """The filesystem type of the longest /proc/mounts mount point containing ``path``."""
+    best, kind = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        mount = fields[1]
+        if str(path).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+def test_page_cache_states(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\1" * 4_000_000)
+    assert pagecache.prepare([path], "warm") == pytest.approx(1.0)
+    if _fs_type(path) in ("tmpfs", "ramfs"):
+        pytest.skip("a RAM filesystem keeps every page: nothing to evict")
+    assert pagecache.prepare([path], "cold") < 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    base = tmp_path_factory.mktemp("bench")
+    md, js = base / "results.md", base / "results.json"
+    rc = bench_main(["--scale", "tiny", "--repeat", "1", "--workdir", str(base / "work"),
+                     "--out-md", str(md), "--out-json", str(js)])
+    assert rc == 0
+    return md.read_text(), json.loads(js.read_text()), base
+
+
+def test_results_table_is_well_formed(tiny_run):
+    text, _results, _base = tiny_run
+    lines = text.splitlines()
+    assert lines[0].startswith("# sdxl-ckpt bench results")
+    assert "## Machine" in lines and "## Results" in lines
+    start = lines.index("## Results") + 2
+    header = lines[start]
+    assert [c.strip() for c in header.strip("|").split("|")] == list(TABLE_COLUMNS)
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    assert len(rows) == len(DEFAULT_KEYS)
+    assert all(row.count("|") == header.count("|") for row in rows)
+    assert all("| tiny |" in row for row in rows)
+
+
+def test_results_json_matches_cases(tiny_run):
+    _text, results, _base = tiny_run
+    assert {"machine", "config", "scales", "targets"} <= set(results)
+    assert results["machine"]["cores"] >= 1 and results["machine"]["ram"] > 0
+    cases = results["scales"]["tiny"]["cases"]
+    assert list(cases) == list(DEFAULT_KEYS)
+    for key, case in cases.items():
+        assert case["status"] == "ok", (key, case["error"])
+        assert len(case["runs"]) == 1 and case["wall_median"] > 0
+        assert case["peak_rss"] >= case["peak_anon"] > 0
+        assert case["output_bytes"] > 0
+        assert case["resident_min"] == pytest.approx(1.0, abs=0.01)  # warm cache, as configured
+        if case["reference"]:
+            assert case["ratio_to_copy"] > 0
+    for key in ("copy_diffusers", "copy_sd", "copy_ckpt"):  # a copy writes exactly its input
+        assert cases[key]["output_bytes"] == cases[key]["input_bytes"]
+    # fp32 output is twice the fp16 input's tensor bytes, give or take headers
+    assert cases["st_to_ms_fp32"]["output_bytes"] > 1.9 * cases["st_to_ms_keep"]["output_bytes"]
+    assert all(t["met"] is None for t in results["targets"])  # never judged at tiny scale
+
+
+def test_inputs_are_reused(tiny_run):
+    _text, _results, base = tiny_run
+    manifest = json.loads((base / "work" / "tiny" / "inputs.json").read_text())
+    before = dict(manifest["sizes"])
+    rc = bench_main(["--scale", "tiny", "--repeat", "1", "--cases", "copy_sd", "--workdir", str(base / "work"),
+                     "--out-md", str(base / "r2.md"), "--out-json", str(base / "r2.json")])
+    assert rc == 0
+    again = json.loads((base / "work" / "tiny" / "inputs.json").read_text())
+    assert again["sizes"] == before and again["created"] == manifest["created"]  # not rebuilt
+    assert list(json.loads((base / "r2.json").read_text())["scales"]["tiny"]["cases"]) == ["copy_sd"]
