@@ -48,6 +48,14 @@ def ms_to_st(src: Path, out: Path) -> list[str]:
     return [*cli(), "ms-to-st", str(src), "--output", str(out), "--quiet"]
 
 
+# full size on a CPU: a small image and two steps keep the reference and the check to minutes
+VERIFY_SIZE = {"tiny": [], "full": ["--height", "256", "--width", "256"]}
+
+
+def reference(src: Path, out: Path, scale: str) -> list[str]:
+    return [*cli(), "reference", str(src), "--output", str(out), "--steps", "2", *VERIFY_SIZE[scale], "--quiet"]
+
+
 def verify(ckpt: Path, reference: Path, out: Path) -> list[str]:
     return [*cli(), "verify", str(ckpt), "--reference", str(reference), "--json", str(out), "--quiet"]
 

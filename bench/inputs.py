@@ -51,6 +51,11 @@ class Inputs:
     ckpt: Path
 
     @property
+    def reference(self) -> Path:
+        """The torch reference run (``sdxl-ckpt reference``) that the verify case checks the ckpt against."""
+        return self.root / "reference.npz"
+
+    @property
     def variant(self) -> str | None:
         """"fp16" when the folder has fp16 variant weight files (the bench's own inputs always do)."""
         fp16 = [p for c in WEIGHT_COMPONENTS for p in (self.diffusers / c).glob("*.fp16*.safetensors")]
@@ -69,7 +74,7 @@ class Inputs:
         """The input files of kind "diffusers" | "sd" | "ckpt"."""
         if kind == "diffusers":
             return self.weight_files()
-        return [{"sd": self.sd, "ckpt": self.ckpt}[kind]]
+        return [{"sd": self.sd, "ckpt": self.ckpt, "verify": self.ckpt}[kind]]
 
     def size(self, kind: str) -> int:
         return sum(p.stat().st_size for p in self.files(kind))
@@ -134,3 +139,11 @@ def ensure_inputs(scale: str, workdir: Path, diffusers_src: Path | None = None, 
         "sizes": sizes, "python": sys.executable, "created": time.time(),
     }, indent=2) + "\n")
     return inputs
+
+
+def ensure_reference(inputs: Inputs, log=print) -> Path:
+    """Make (once) the reference the verify case needs; torch runs here, not inside the measured case."""
+    if not inputs.reference.is_file():
+        log(f"[bench] sdxl-ckpt reference -> {inputs.reference}")
+        _run(commands.reference(inputs.diffusers, inputs.reference, inputs.scale), "making the verify reference")
+    return inputs.reference

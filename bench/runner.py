@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench import commands, pagecache
 from bench.cases import Case
-from bench.inputs import Inputs, check_free_space, ensure_inputs
+from bench.inputs import Inputs, check_free_space, ensure_inputs, ensure_reference
 from bench.machine import describe, mem_available
 from bench.procmem import run_measured
 
@@ -128,6 +128,8 @@ def run_scale(scale: str, cases: list[Case], cfg: Config) -> dict:
     for c in cases:
         if c not in available:
             _log(f"[bench] {scale}: skipping {c.key}: `sdxl-ckpt {c.needs}` does not exist yet")
+    if any(c.kind == "verify" for c in available):
+        ensure_reference(inputs, log=_log)
     runs: dict[str, list[dict]] = {c.key: [] for c in cases}
     started = time.time()
     for rep in range(cfg.repeat):

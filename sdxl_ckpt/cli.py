@@ -176,6 +176,94 @@ def keymaps_export_cmd(
 
 # --- reference, verify, demo (issue 6) ---
 
+SAMPLER = typer.Option("euler", "--sampler", help="euler | dpmpp_2m | lcm (each against its diffusers scheduler).")
+GEN_STEPS = typer.Option(4, "--steps", help="Number of inference steps (refiner: of the full schedule).")
+GEN_SEED = typer.Option(0, "--seed", help="Seed of the initial noise (torch.Generator on the CPU).")
+GEN_GUIDANCE = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale (LCM with w-embedding: w+1).")
+GEN_STRENGTH = typer.Option(0.5, "--strength", help="Refiner img2img strength: runs int(steps*strength) steps.")
+GEN_UNET = typer.Option(None, "--unet", help="A diffusers UNet folder replacing SRC's (e.g. an LCM UNet).")
+GEN_CONFIG = typer.Option(None, "--config", help="SD file: a diffusers folder to take configs/tokenizers from.")
+
+
+def _generation(prompt: str, negative_prompt: str | None, steps: int, height: int | None, width: int | None,
+                seed: int, guidance: float, strength: float, unet: str | None, config: str | None) -> dict:
+    return {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "height": height, "width": width,
+            "seed": seed, "guidance": guidance, "strength": strength, "unet": unet, "config_dir": config}
+
+
+@app.command("reference")
+def reference_cmd(
+    src: str = typer.Argument(..., help="diffusers SDXL folder or SD single-file .safetensors."),
+    output: str = typer.Option(..., "--output", "-o", help="REF.npz to write."),
+    prompt: str = typer.Option("a photograph of an astronaut riding a horse", "--prompt"),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Default: none (base: zeros)."),  # noqa: UP045
+    steps: int = GEN_STEPS,
+    height: Optional[int] = typer.Option(None, "--height", help="Default: the UNet's sample size x 8."),  # noqa: UP045
+    width: Optional[int] = typer.Option(None, "--width"),  # noqa: UP045
+    seed: int = GEN_SEED,
+    guidance: float = GEN_GUIDANCE,
+    sampler: str = SAMPLER,
+    strength: float = GEN_STRENGTH,
+    unet: Optional[str] = GEN_UNET,  # noqa: UP045
+    config: Optional[str] = GEN_CONFIG,  # noqa: UP045
+    overwrite: bool = OVERWRITE,
+    json_out: Optional[str] = JSON_OUT,  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """Run diffusers' SDXL pipeline (torch) on SRC and store every stage verify compares (needs the reference extra)."""
+    from sdxl_ckpt.verify.commands import reference_command
+
+    return reference_command(src, output, json_out=json_out, quiet=quiet, overwrite=overwrite, sampler=sampler,
+                             **_generation(prompt, negative_prompt, steps, height, width, seed, guidance, strength,
+                                           unet, config))
+
+
+@app.command("verify")
+def verify_cmd(
+    ckpt: str = typer.Argument(..., help="MindSpore .ckpt (or MindSpore-named .safetensors) to check."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="REF.npz written by 'reference'."),  # noqa: UP045
+    source: Optional[str] = typer.Option(None, "--source", help="Instead: compute the reference now from SRC (torch)."),  # noqa: UP045, E501
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Must match the reference's (default: its own)."),  # noqa: UP045
+    device: str = typer.Option("CPU", "--device", help="CPU | GPU | Ascend."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16 (default tolerances per dtype)."),
+    rtol_override: Optional[list[str]] = typer.Option(None, "--rtol-override", help="STAGE=VALUE, repeatable; STAGE a name or group (step, image_levels)."),  # noqa: UP045, E501
+    save_reference: Optional[str] = typer.Option(None, "--save-reference", help="--source: also write REF.npz here."),  # noqa: UP045, E501
+    prompt: str = typer.Option("a photograph of an astronaut riding a horse", "--prompt", help="--source only."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="--source only."),  # noqa: UP045
+    steps: int = GEN_STEPS,
+    height: Optional[int] = typer.Option(None, "--height", help="--source only."),  # noqa: UP045
+    width: Optional[int] = typer.Option(None, "--width", help="--source only."),  # noqa: UP045
+    seed: int = GEN_SEED,
+    guidance: float = GEN_GUIDANCE,
+    strength: float = GEN_STRENGTH,
+    unet: Optional[str] = GEN_UNET,  # noqa: UP045
+    config: Optional[str] = GEN_CONFIG,  # noqa: UP045
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failing stage."),
+    json_out: Optional[str] = JSON_OUT,  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """Compare the MindSpore runtime with the reference stage by stage; exit 1 naming the first failing stage."""
+    from sdxl_ckpt.verify.commands import verify_command
+
+    return verify_command(ckpt, reference=reference, source=source, sampler=sampler, device=device, dtype=dtype,
+                          rtol_override=rtol_override, json_out=json_out, quiet=quiet, save_reference=save_reference,
+                          fail_fast=fail_fast,
+                          **_generation(prompt, negative_prompt, steps, height, width, seed, guidance, strength,
+                                        unet, config))
+
+
+@app.command("demo")
+def demo_cmd(
+    variant: str = typer.Option("base", "--variant", help="base | refiner | lcm."),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="Keep the files here (default: a temp folder)."),  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """tiny-model -> diffusers-to-sd -> st-to-ms -> reference -> verify on a built-in tiny SDXL, with the verdict."""
+    from sdxl_ckpt.demo import run_demo
+
+    return run_demo(variant, workdir, quiet=quiet)
+
+
 # --- inspect, diff, hash (issue 8) ---
 
 

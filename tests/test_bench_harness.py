@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import pagecache
+from bench import commands, pagecache
 from bench.__main__ import main as bench_main
 from bench.cases import DEFAULT_KEYS
 from bench.procmem import run_measured
@@ -55,13 +55,39 @@ def test_page_cache_states(tmp_path):
     assert pagecache.prepare([path], "cold") < 0.5
 
 
+def _cli_options(name: str) -> set[str]:
+    import typer
+
+    from sdxl_ckpt.cli import app
+
+    command = typer.main.get_command(app).commands[name]
+    return {opt for param in command.params for opt in param.opts}
+
+
+def test_command_lines_use_existing_options(tmp_path):
+    """Every --flag the bench passes exists on the real command (the CLI may change under the bench)."""
+    p = tmp_path / "x"
+    lines = [commands.generate_model("full", p), commands.diffusers_to_sd(p, p, "fp16"),
+             commands.st_to_ms(p, p, "fp32"), commands.ms_to_st(p, p), commands.reference(p, p, "full"),
+             commands.verify(p, p, p)]
+    for argv in lines:
+        rest = argv[len(commands.cli()):]
+        flags = {a for a in rest[1:] if a.startswith("-")}
+        assert flags <= _cli_options(rest[0]), (rest[0], flags - _cli_options(rest[0]))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """One bench run at tiny scale; the fp16 input folder is built in-process (torch is already loaded when the
+    suite's other tiny-model tests ran), the rest goes through the real CLI as in a user's run."""
     pytest.importorskip("diffusers")
+    from sdxl_ckpt.tiny_model import build_tiny_model
+
     base = tmp_path_factory.mktemp("bench")
+    source = build_tiny_model("base", base / "tiny_fp16", variant_fp16=True)
     md, js = base / "results.md", base / "results.json"
-    rc = bench_main(["--scale", "tiny", "--repeat", "1", "--workdir", str(base / "work"),
-                     "--out-md", str(md), "--out-json", str(js)])
+    rc = bench_main(["--scale", "tiny", "--repeat", "1", "--workdir", str(base / "work"), "--diffusers-src",
+                     str(source), "--out-md", str(md), "--out-json", str(js)])
     assert rc == 0
     return md.read_text(), json.loads(js.read_text()), base
 
@@ -110,7 +136,8 @@ def test_inputs_are_reused(tiny_run):
     manifest = json.loads((base / "work" / "tiny" / "inputs.json").read_text())
     before = dict(manifest["sizes"])
     rc = bench_main(["--scale", "tiny", "--repeat", "1", "--cases", "copy_sd", "--workdir", str(base / "work"),
-                     "--out-md", str(base / "r2.md"), "--out-json", str(base / "r2.json")])
+                     "--diffusers-src", str(base / "tiny_fp16"), "--out-md", str(base / "r2.md"),
+                     "--out-json", str(base / "r2.json")])
     assert rc == 0
     again = json.loads((base / "work" / "tiny" / "inputs.json").read_text())
     assert again["sizes"] == before and again["created"] == manifest["created"]  # not rebuilt

@@ -379,6 +379,8 @@ def _group(path: Path, records: list[_Record]) -> list[TensorEntry]:
         if dtype is None:
             raise CorruptFileError(f"unsupported tensor_type {first.tensor_type!r}", path=path, key=name)
         shape = _shape_of(first.dims)
+        if math.prod(d for d in shape if d) * ITEMSIZE[dtype] >= 2**63:  # numpy refuses it even with a 0 dim
+            raise CorruptFileError(f"dims {list(shape)} are too large for any array", path=path, key=name)
         expected = math.prod(shape) * ITEMSIZE[dtype]
         got = sum(r.content_len for r in group)
         if got != expected:

@@ -135,6 +135,10 @@ def _plan_component(component: Component, prefix: str, requested: str | None
         more = f" (and {len(cmap.unknown) - 1} more)" if len(cmap.unknown) > 1 else ""
         raise KeyMismatchError(f"unexpected key in {component.name}: no SDXL rule maps it{more}",
                                path=source_of[key], key=key)
+    if cmap.missing:
+        more = f" (and {len(cmap.missing) - 1} more)" if len(cmap.missing) > 1 else ""
+        raise KeyMismatchError(f"incomplete {component.name}: no source key gives SD key {cmap.missing[0]!r}{more}",
+                               path=component.folder)
     entries: list[TensorEntry] = []
     for target in cmap.targets:
         sources = [by_name[k] for k in target.sources]
@@ -179,6 +183,10 @@ def plan_sd_entries(src_dir: str | Path, unet_dir: str | Path | None = None, vae
     """
     requested = _requested_dtype(dtype)
     folders = component_folders(src_dir, {"unet": unet_dir, "vae": vae_dir})
+    for name in ("unet", "vae", "text_encoder_2"):  # text_encoder: only a base needs it, known after the UNet
+        if not folders[name].is_dir():
+            raise InputError(f"{name} folder is missing (expected a diffusers SDXL pipeline folder)",
+                             path=folders[name])
     unet = read_component("unet", folders["unet"], variant)
     text_encoder_2 = read_component("text_encoder_2", folders["text_encoder_2"], variant)
     arch = detect_architecture(unet, text_encoder_2)

@@ -79,7 +79,8 @@ def _bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
 
 
 def _f32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    values = np.asarray(values, dtype=np.float32, order="C")  # keeps 0-d scalars 0-d
+    bits = values.view(np.uint32)
     nan = np.isnan(values)
     rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
     out = ((bits + rounding) >> 16).astype(np.uint16)

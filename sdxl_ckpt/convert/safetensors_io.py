@@ -4,7 +4,8 @@ The ``safetensors`` library loads or saves whole dicts; converting a 7 GB model 
 format (8-byte little-endian header length, JSON header, packed data) is handled here, with every field
 validated so a truncated or hostile file gives one ``CorruptFileError`` naming the file and key.
 The writer orders tensors as the library does (larger item size first, then by name) and pads the header the
-same way, so for the same tensors and metadata the bytes equal ``safetensors.numpy.save_file``'s output.
+same way, so for the same tensors the bytes equal ``safetensors.numpy.save_file``'s output (the library keeps
+``__metadata__`` in a hash map, so with several metadata keys only its order may differ).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def _check_entry(path: Path, name: str, info: object, data_size: int) -> tuple[s
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
         raise CorruptFileError(f"bad shape {shape!r}", path=path, key=name)
+    if math.prod(d for d in shape if d) * ITEMSIZE[dtype] >= 2**63:  # numpy refuses it even with a 0 dim
+        raise CorruptFileError(f"shape {shape} is too large for any array", path=path, key=name)
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
         raise CorruptFileError(f"bad data_offsets {offsets!r}", path=path, key=name)
@@ -103,7 +106,7 @@ def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
         raw = handle.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON errors, int-digit limit
         raise CorruptFileError(f"header is not valid JSON ({exc.__class__.__name__})", path=path) from None
     if not isinstance(header, dict):
         raise CorruptFileError("header is not a JSON object", path=path)

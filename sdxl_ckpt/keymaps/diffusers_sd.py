@@ -101,6 +101,7 @@ _P = r"(?P<p>weight|bias)"
 INNER: dict[str, tuple[Rule, ...]] = {
     # a plain parameterised layer (conv, linear, norm): the block prefix says everything
     "leaf": (Rule(_P, r"\g<p>"),),
+    "leaf_no_bias": (Rule(r"weight", "weight"),),
     # diffusers ResnetBlock2D inside the UNet -> sgm ResBlock
     "unet_resnet": (
         Rule(r"norm1\." + _P, r"in_layers.0.\g<p>"),
@@ -163,6 +164,36 @@ INNER: dict[str, tuple[Rule, ...]] = {
     ),
 }
 
+# SD keys (relative to the SD block prefix) each block kind MUST have: a component missing one is incomplete.
+# Optional tensors (conv_shortcut, q/k/v biases) are left out. "{T}" / "{L}" expand over the block's
+# transformer blocks / the encoder's layers.
+_WB = ("weight", "bias")
+_TB = tuple(f"transformer_blocks.{{T}}.{n}.weight" for n in (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+    "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3")) + tuple(
+    f"transformer_blocks.{{T}}.{n}.bias" for n in ("attn1.to_out.0", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
+                                                    "norm1", "norm2", "norm3"))
+_CLIP_LAYER = tuple(f"text_model.encoder.layers.{{L}}.{n}.{p}" for n in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "layer_norm1", "layer_norm2",
+    "mlp.fc1", "mlp.fc2") for p in _WB)
+_OPENCLIP_LAYER = tuple(f"transformer.resblocks.{{L}}.{n}" for n in (
+    "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "ln_1.weight",
+    "ln_1.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+    "mlp.c_proj.bias"))
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "leaf": _WB,
+    "leaf_no_bias": ("weight",),
+    "unet_resnet": tuple(f"{n}.{p}" for n in ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0",
+                                              "out_layers.3") for p in _WB),
+    "transformer": tuple(f"{n}.{p}" for n in ("norm", "proj_in", "proj_out") for p in _WB) + _TB,
+    "vae_resnet": tuple(f"{n}.{p}" for n in ("norm1", "conv1", "norm2", "conv2") for p in _WB),
+    "vae_attention": tuple(f"{n}.{p}" for n in ("norm", "q", "k", "v", "proj_out") for p in _WB),
+    "clip_l": ("text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
+               "text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias") + _CLIP_LAYER,
+    "openclip": ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+                 "text_projection") + _OPENCLIP_LAYER,
+}
+
 # --- BLOCK tables ----------------------------------------------------------------------------------------------------
 
 UNET_TOP: tuple[Block, ...] = (
@@ -177,7 +208,7 @@ UNET_TEXT_TIME: tuple[Block, ...] = (  # addition_embed_type == "text_time" (SDX
     Block("add_embedding.linear_2.", "label_emb.0.2.", "leaf"),
 )
 # guidance-embedded LCM UNets (config time_cond_proj_dim): nn.Linear without bias; the SD name is this project's
-UNET_COND_PROJ: tuple[Block, ...] = (Block("time_embedding.cond_proj.", "time_cond_proj.", "leaf"),)
+UNET_COND_PROJ: tuple[Block, ...] = (Block("time_embedding.cond_proj.", "time_cond_proj.", "leaf_no_bias"),)
 
 VAE_TOP: tuple[Block, ...] = tuple(
     Block(f"{part}.{d}.", f"{part}.{s}.", "leaf")
@@ -303,11 +334,10 @@ def vae_blocks(config: Mapping[str, Any]) -> list[Block]:
             blocks.append(Block(f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{ldm}.upsample.conv.",
                                 "leaf"))
     for part in ("encoder", "decoder"):
-        blocks += [
-            Block(f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", "vae_resnet"),
-            Block(f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", "vae_attention"),
-            Block(f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", "vae_resnet"),
-        ]
+        blocks.append(Block(f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", "vae_resnet"))
+        if config.get("mid_block_add_attention", True):
+            blocks.append(Block(f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", "vae_attention"))
+        blocks.append(Block(f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", "vae_resnet"))
     return blocks
 
 
@@ -330,10 +360,15 @@ def compose(blocks: Iterable[Block], sd_prefix: str, inner: Mapping[str, Sequenc
     return rules
 
 
-def _text_rules(component: str, config: Mapping[str, Any], sd_prefix: str) -> list[Rule]:
+def _layers(component: str, config: Mapping[str, Any]) -> int:
     layers = config.get("num_hidden_layers")
     if not isinstance(layers, int) or layers <= 0:
         raise InputError(f"{component} config: num_hidden_layers is missing")
+    return layers
+
+
+def _text_rules(component: str, config: Mapping[str, Any], sd_prefix: str) -> list[Rule]:
+    layers = _layers(component, config)
     rules = []
     for rule in INNER[TEXT_ENCODER_INNER[component]]:
         replacement = None if rule.replacement is None else sd_prefix + rule.replacement
@@ -352,6 +387,25 @@ def component_rules(component: str, config: Mapping[str, Any], sd_prefix: str) -
     raise InputError(f"unknown component {component!r} (expected one of {', '.join(COMPONENTS)})")
 
 
+def _expand(template: str, sd_prefix: str, placeholder: str, count: int) -> list[str]:
+    if placeholder in template:
+        return [sd_prefix + template.replace(placeholder, str(i)) for i in range(count)]
+    return [sd_prefix + template]
+
+
+def expected_sd_keys(component: str, config: Mapping[str, Any], sd_prefix: str) -> list[str]:
+    """The SD keys this component must produce for this config (``REQUIRED``; optional tensors not included)."""
+    if component in ("unet", "vae"):
+        blocks = unet_blocks(config) if component == "unet" else vae_blocks(config)
+        return [key for b in blocks for rel in REQUIRED[b.inner] for key in _expand(rel, sd_prefix + b.sd, "{T}",
+                                                                                     b.depth)]
+    if component in TEXT_ENCODER_INNER:
+        layers = _layers(component, config)
+        return [key for rel in REQUIRED[TEXT_ENCODER_INNER[component]] for key in _expand(rel, sd_prefix, "{L}",
+                                                                                          layers)]
+    raise InputError(f"unknown component {component!r} (expected one of {', '.join(COMPONENTS)})")
+
+
 @dataclass(frozen=True)
 class Target:
     """One SD tensor: its name, the diffusers keys it is made of (q, k, v order for concat_qkv), the transform."""
@@ -364,13 +418,15 @@ class Target:
 @dataclass
 class ComponentMap:
     """Every diffusers key of a component accounted for: mapped into ``targets``, ``dropped`` (with a reason),
-    or ``unknown`` (the caller refuses the conversion). ``generated`` = (SD key, generator) the converter adds."""
+    or ``unknown`` (the caller refuses the conversion). ``generated`` = (SD key, generator) the converter adds;
+    ``missing`` = required SD keys no source key gave (an incomplete component; the caller refuses it)."""
 
     component: str
     targets: list[Target] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
     generated: list[tuple[str, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
 
 
 def map_component_keys(component: str, keys: Iterable[str], config: Mapping[str, Any], sd_prefix: str,
@@ -422,4 +478,6 @@ def map_component_keys(component: str, keys: Iterable[str], config: Mapping[str,
             target = Target(name, tuple(parts[p] for p in QKV_ORDER), "concat_qkv")
         result.targets.append(target)
     result.generated = [(sd_prefix + key, generator) for key, generator in GENERATED.get(component, ())]
+    produced = {t.name for t in result.targets}
+    result.missing = [k for k in expected_sd_keys(component, config, sd_prefix) if k not in produced]
     return result

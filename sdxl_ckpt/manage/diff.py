@@ -136,8 +136,8 @@ def _not_comparable(only: list[str], other: Side, which: str) -> tuple[list[str]
     keep, skipped = [], []
     for key in only:
         if key in other.cannot_store:
-            skipped.append({"key": key, "only_in": which, "why": f"{other.ckpt.label} cannot store it: "
-                                                                 f"{other.cannot_store[key]}"})
+            skipped.append({"key": key, "only_in": which, "why": f"{other.ckpt.label} does not store it",
+                            "detail": other.cannot_store[key]})
         else:
             keep.append(key)
     return keep, skipped

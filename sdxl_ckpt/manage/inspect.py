@@ -107,10 +107,16 @@ def inspect_checkpoint(path: str | Path, *, keys: str = "auto", with_hash: bool 
 
 
 def _short(value: str) -> str:
-    flat = value.replace("\n", " ")
+    flat = " ".join(value.split())
     if len(flat) <= SHOWN_VALUE_CHARS:
         return flat
     return f"{flat[:SHOWN_VALUE_CHARS]}... ({len(value)} chars)"
+
+
+def _relative(file: str, root: str) -> str:
+    """A weight file's path inside the inspected folder (its name when the inspected path is the file)."""
+    path, base = Path(file), Path(root)
+    return str(path.relative_to(base)) if base.is_dir() and path.is_relative_to(base) else path.name
 
 
 def render_inspect(report: dict[str, Any]) -> str:
@@ -145,7 +151,7 @@ def render_inspect(report: dict[str, Any]) -> str:
         if "stored_hash_matches" in row:
             check = "  (matches modelspec.hash_sha256)" if row["stored_hash_matches"] else \
                 f"  MISMATCH: modelspec.hash_sha256 says {row['stored_hash_sha256']}"
-        lines.append(f"content sha256 {Path(row['file']).name}: {row['content_sha256']}{check}")
+        lines.append(f"content sha256 {_relative(row['file'], report['path'])}: {row['content_sha256']}{check}")
     if "nonfinite" in report:
         bad = report["nonfinite"]
         lines.append("non-finite values: none" if not bad else f"non-finite values in {len(bad)} tensor(s):")

@@ -1,4 +1,4 @@
-"""The bodies of ``sdxl-ckpt reference`` and ``sdxl-ckpt verify``: compose the library calls, print, pick the exit code."""
+"""Bodies of ``sdxl-ckpt reference`` and ``sdxl-ckpt verify``: compose library calls, print, pick the exit code."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ def reference_command(src: str, output: str, *, json_out: str | None = None, qui
 
     path, ref = run_reference(src, output, overwrite=overwrite, quiet=quiet, **settings)
     s = ref.settings
+    if json_out == "-":
+        write_json({"command": "reference", "output": str(path), "meta": ref.meta, "arrays": summary_rows(ref)}, "-")
+        return 0
     print(f"reference: {ref.meta['variant']} ({ref.meta['source']['kind']}), sampler {s['sampler']}, "
           f"{s['steps_run']} step(s), {s['height']}x{s['width']}, seed {s['seed']}, guidance {s['guidance']}, "
           f"CFG {'on' if s['cfg'] else 'off'} (uncond: {s['uncond']})")
@@ -30,7 +33,7 @@ def reference_command(src: str, output: str, *, json_out: str | None = None, qui
 
 def verify_command(ckpt: str, *, reference: str | None, source: str | None, sampler: str | None, device: str,
                    dtype: str, rtol_override: list[str] | None, json_out: str | None, quiet: bool,
-                   save_reference: str | None = None, **settings: Any) -> int:
+                   save_reference: str | None = None, fail_fast: bool = False, **settings: Any) -> int:
     """verify CKPT against REF.npz (or a reference computed now from --source); exit 0 pass / 1 fail."""
     from sdxl_ckpt.verify.compare import parse_overrides
     from sdxl_ckpt.verify.refdata import load_reference
@@ -53,8 +56,9 @@ def verify_command(ckpt: str, *, reference: str | None, source: str | None, samp
     else:
         ref = load_reference(reference)
     report = verify_checkpoint(ckpt, ref, sampler=sampler, device=device, dtype=dtype, overrides=overrides,
-                               quiet=quiet)
-    print(render(report))
+                               quiet=quiet, fail_fast=fail_fast)
+    if json_out != "-":
+        print(render(report))
     write_json({"command": "verify", **report.as_dict()}, json_out)
     sys.stdout.flush()
     return 0 if report.passed else 1

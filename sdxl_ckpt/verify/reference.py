@@ -119,7 +119,8 @@ def make_reference(
     loaded = load_pipeline(src, unet, config_dir)
     pipe = loaded.pipe
     pipe.set_progress_bar_config(disable=True)
-    scheduler, explicit_timesteps, schedule_note = configure_scheduler(pipe, sampler, steps)
+    with quiet_libraries():
+        scheduler, explicit_timesteps, schedule_note = configure_scheduler(pipe, sampler, steps)
     scale = pipe.vae_scale_factor
     height = height or pipe.default_sample_size * scale
     width = width or pipe.default_sample_size * scale

@@ -39,8 +39,8 @@ def require_torch() -> None:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
-        raise InputError(f"'reference' needs torch, diffusers and transformers: pip install -e '.[reference]' ({exc})") \
-            from None
+        raise InputError("'reference' needs torch, diffusers and transformers: "
+                         f"pip install -e '.[reference]' ({exc})") from None
 
 
 @contextlib.contextmanager

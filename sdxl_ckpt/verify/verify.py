@@ -141,6 +141,11 @@ def _unet_first(ss: Session) -> np.ndarray:
     return ss.rt.unet(r["unet_in_x"], r["unet_in_t"], r["unet_in_context"], r["unet_in_y"], r.get("timestep_cond"))
 
 
+def _decode_ref(ss: Session) -> np.ndarray:
+    """The VAE alone: decode the reference's own final latent (tells a VAE fault from a sampling one)."""
+    return ss.rt.decode(ss.ref["final_latent"] / np.float32(ss.rt.config.vae.scaling_factor))
+
+
 def _sample(ss: Session) -> None:
     """Our sampler from the reference's noise with our conditioning; records the sample after every step."""
     if "states" in ss.ours:
@@ -212,7 +217,12 @@ class Stage:
 
 
 def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
-    """The ordered stage table for this reference: conditioning, UNet, every step, final latent, image."""
+    """The ordered stage table for this reference.
+
+    First each component on the reference's own inputs (text encoders, context and y, VAE encoder, one UNet
+    evaluation, VAE decoder), so a fault is pinned to its component; then the chain a user runs, each stage from
+    our previous results: every step's sample, the final latent, its decoding, the image.
+    """
     get = lambda key: (lambda ss: ss.ref[key])  # noqa: E731
     table = [Stage("schedule", "sigmas", get("sigmas"), _schedule)]
     if not refiner:
@@ -229,6 +239,7 @@ def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
     if refiner:
         table.append(Stage("vae_encode", "init_latent", get("init_latent"), _init_latent))
     table.append(Stage("unet.first", "unet_out", get("unet_out"), _unet_first))
+    table.append(Stage("vae.decode", "decoded", get("decoded"), _decode_ref))
     n = len(ref["timesteps"])
     table += [Stage(f"step {i + 1}/{n}", f"latents[{i}]", (lambda ss, i=i: ss.ref["latents"][i]), _step(i))
               for i in range(n)]
@@ -270,8 +281,11 @@ def runtime_config(ref: Reference) -> Any:
 
 def verify_checkpoint(ckpt: str | os.PathLike, ref: Reference, *, sampler: str | None = None, device: str = "CPU",
                       dtype: str = "fp32", overrides: dict[str, float] | None = None, quiet: bool = True,
-                      progress: Callable[[str], None] | None = None) -> VerifyReport:
-    """Load ``ckpt`` strictly into a runtime built from ``ref``'s configs and judge every stage."""
+                      fail_fast: bool = False, progress: Callable[[str], None] | None = None) -> VerifyReport:
+    """Load ``ckpt`` strictly into a runtime built from ``ref``'s configs and judge every stage.
+
+    ``fail_fast``: stop at the first failing stage (the later ones are not computed, nor reported).
+    """
     from sdxl_ckpt.progress import step_bar
     from sdxl_ckpt.sdxl_runtime.api import SDXLRuntime
 
@@ -300,11 +314,13 @@ def verify_checkpoint(ckpt: str | os.PathLike, ref: Reference, *, sampler: str |
             if progress is not None:
                 progress(stage.name)
             bar.update(1)
+            if fail_fast and not result.passed:
+                break
     context = {
         "checkpoint": str(Path(ckpt)), "reference": ref.meta.get("path"), "variant": ref.meta.get("variant"),
         "sampler": ref_sampler, "device": device, "dtype": dtype, "steps_run": len(ref["timesteps"]),
         "load_seconds": round(loaded, 3), "total_seconds": round(time.perf_counter() - start, 3),
-        "runtime_notes": rt.notes,
+        "runtime_notes": rt.notes, "stages_run": len(results), "stages_total": len(table),
         "tolerances": {"rel_l2": tol.rtol(""), "image_levels": tol.image_levels(), "overrides": tol.overrides},
     }
     return VerifyReport(results, context)

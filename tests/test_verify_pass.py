@@ -1,0 +1,141 @@
+"""The converted tiny ckpts reproduce diffusers stage by stage: fp32, CPU, 4 steps, CFG 5, rel L2 <= 1e-4, <= 1 level.
+
+Cases: base with Euler and with DPM++(2M), the refiner (img2img), LCM with CFG (lcm-sdxl style) and LCM with the
+guidance embedding (no CFG batch). Plus the reference's own properties: deterministic, and the same from an SD
+single file as from the diffusers folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import verify_support as vs
+from verify_support import BASE_SIZE, REFINER_SIZE, convert, reference
+
+from sdxl_ckpt.cli import main
+from sdxl_ckpt.verify.refdata import load_reference
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def base_case(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return vs.base_case(tiny_base, tmp_path_factory)
+
+
+def verify_json(ckpt: Path, ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture, *extra: str) -> tuple[int, dict]:
+    report = tmp_path / "report.json"
+    rc = main(["verify", str(ckpt), "--reference", str(ref), "--quiet", "--json", str(report), *extra])
+    out = capsys.readouterr().out
+    assert ("PASS" in out) == (rc == 0), out
+    return rc, json.loads(report.read_text())
+
+
+def assert_all_within(report: dict, sampler: str, steps: int) -> None:
+    assert report["passed"] and report["first_failure"] is None
+    assert report["sampler"] == sampler and report["steps_run"] == steps
+    names = [s["stage"] for s in report["stages"]]
+    assert [f"step {i}/{steps}" for i in range(1, steps + 1)] == [n for n in names if n.startswith("step")]
+    assert names[-3:] == ["final_latent", "decoded", "image"] and "unet.first" in names and "y" in names
+    for s in report["stages"]:
+        assert s["rel_l2"] <= 1e-4 and s["cosine"] > 0.99999, s
+    image = report["stages"][-1]
+    assert image["levels_max"] <= 1 and image["psnr"] > 60, image
+
+
+def test_base_euler(base_case, tmp_path, capsys):
+    ckpt, ref = base_case
+    rc, report = verify_json(ckpt, ref, tmp_path, capsys)
+    assert rc == 0
+    assert_all_within(report, "euler", 4)
+    assert [s["stage"] for s in report["stages"]][:7] == [
+        "schedule", "text_encoder_1", "text_encoder_2.hidden", "text_encoder_2.pooled", "context", "y", "unet.first"]
+
+
+def test_base_dpmpp_2m(base_case, tiny_base, tmp_path, capsys):
+    ckpt, _ = base_case
+    ref = reference(tiny_base, tmp_path / "ref.npz", sampler="dpmpp_2m", **BASE_SIZE)
+    rc, report = verify_json(ckpt, ref, tmp_path, capsys, "--sampler", "dpmpp_2m")
+    assert rc == 0
+    assert_all_within(report, "dpmpp_2m", 4)
+
+
+def test_refiner_img2img(tiny_refiner, tmp_path_factory, tmp_path, capsys):
+    out = tmp_path_factory.mktemp("refiner")
+    ckpt = convert(tiny_refiner, out, "refiner")
+    ref = reference(tiny_refiner, out / "ref.npz", steps=8, strength=0.5, **REFINER_SIZE)
+    rc, report = verify_json(ckpt, ref, tmp_path, capsys)
+    assert rc == 0
+    assert_all_within(report, "euler", 4)
+    names = [s["stage"] for s in report["stages"]]
+    assert "text_encoder_1" not in names and "vae_encode" in names
+    assert load_reference(ref)["timesteps"].tolist() == [499, 374, 249, 124]  # last 4 of the 8-step schedule
+
+
+@pytest.mark.parametrize("cond_proj", [False, True], ids=["lcm-cfg", "lcm-w-embedding"])
+def test_lcm(cond_proj, request, tmp_path_factory, tmp_path, capsys):
+    folder = request.getfixturevalue("tiny_lcm_cond_proj" if cond_proj else "tiny_lcm")
+    out = tmp_path_factory.mktemp("lcm")
+    ckpt = convert(folder, out, "lcm", unet_dir=folder / "lcm-unet", lcm=True)
+    ref = reference(folder, out / "ref.npz", sampler="lcm", unet=folder / "lcm-unet", **BASE_SIZE)
+    rc, report = verify_json(ckpt, ref, tmp_path, capsys)
+    assert rc == 0
+    assert_all_within(report, "lcm", 4)
+    data = load_reference(ref)
+    assert data["timesteps"].tolist() == [999, 759, 499, 259]
+    assert data["step_noise"].shape[0] == 3  # fresh noise between the 4 steps
+    assert data["context"].shape[0] == (1 if cond_proj else 2)  # the w-embedding UNet runs without a CFG batch
+    assert ("guidance_embedding" in [s["stage"] for s in report["stages"]]) == cond_proj
+
+
+def test_reference_is_deterministic(base_case, tiny_base, tmp_path, capsys):
+    _, first = base_case
+    again = tmp_path / "again.npz"
+    assert main(["reference", str(tiny_base), "-o", str(again), "--height", "32", "--width", "32", "--quiet"]) == 0
+    a, b = load_reference(first), load_reference(again)
+    assert sorted(a.arrays) == sorted(b.arrays)
+    for name in a.arrays:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+    assert {k: v for k, v in a.meta.items() if k != "path"} == {k: v for k, v in b.meta.items() if k != "path"}
+    assert main(["reference", str(tiny_base), "-o", str(again), "--quiet"]) == 2  # exists, no --overwrite
+    assert "exists" in capsys.readouterr().err
+
+
+def test_reference_from_sd_file_equals_folder(base_case, tmp_path):
+    """diffusers' from_single_file on our SD file (configs from its metadata) reproduces the folder's reference."""
+    ckpt, ref = base_case
+    sd_file = ckpt.with_suffix(".safetensors")
+    from_file = reference(sd_file, tmp_path / "ref.npz", **BASE_SIZE)
+    a, b = load_reference(ref), load_reference(from_file)
+    assert b.meta["source"]["kind"] == "single_file" and b.meta["variant"] == "base"
+    for name in a.arrays:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_verify_source_mode_runs_the_reference_in_process(tiny_base, tmp_path_factory, tmp_path, capsys):
+    """--source computes the reference now (torch present); a ckpt of another seed fails at once."""
+    other = vs.seed1_ckpt(tmp_path_factory)
+    saved = tmp_path / "saved.npz"
+    rc = main(["verify", str(other), "--source", str(tiny_base), "--height", "32", "--width", "32", "--fail-fast",
+               "--save-reference", str(saved), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "first failing stage: text_encoder_1" in out
+    assert load_reference(saved).settings["height"] == 32
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sampler", "lcm"], "reference was made with --sampler euler"),
+        (["--source", "x"], "exactly one of --reference"),
+        (["--rtol-override", "step"], "STAGE=VALUE"),
+        (["--dtype", "fp64"], "dtype"),
+    ],
+)
+def test_verify_refuses_bad_arguments(args, message, base_case, capsys):
+    ckpt, ref = base_case
+    assert main(["verify", str(ckpt), "--reference", str(ref), "--quiet", *args]) == 2
+    assert message in capsys.readouterr().err
