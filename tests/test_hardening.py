@@ -394,3 +394,16 @@ def test_interrupt_mid_write(tmp_path, good, tiny_base, command):
     assert proc.returncode == 130
     assert_one_error(err, "interrupted; no output was written")
     assert listing(out_dir) == set()
+
+
+def test_output_gets_ordinary_permissions(tmp_path):
+    """Outputs are written through mkstemp (mode 0600); the finished file must get 0666 minus the umask instead."""
+    from sdxl_ckpt.convert.entries import entry_from_array
+    from sdxl_ckpt.convert.safetensors_io import write_safetensors
+
+    umask = os.umask(0o022)
+    try:
+        write_safetensors(tmp_path / "x.safetensors", [entry_from_array("w", np.ones(3, np.float32))])
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == 0o644

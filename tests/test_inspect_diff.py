@@ -99,6 +99,11 @@ def test_inspect_diffusers_folders(capsys, tiny_base, tiny_refiner, tiny_lcm_con
     lcm_unet = inspect_json(capsys, tiny_lcm_cond_proj / "lcm-unet")
     assert lcm_unet["format"] == "diffusers-component" and lcm_unet["variant"] == "lcm"
     assert by_component(lcm_unet) == {"unet": 1681}
+    rc, _out, err = run(capsys, "diff", tiny_lcm_cond_proj / "lcm-unet", tiny_base, "-q")
+    assert rc == 2 and "not one component folder" in err
+    one_file = inspect_json(capsys, tiny_base / "vae" / "diffusion_pytorch_model.safetensors")
+    assert one_file["variant"] == "unknown" and len(one_file["unknown_keys"]) == 248
+    assert any("one diffusers component's weight file" in n for n in one_file["notes"])
 
 
 def test_inspect_writes_json_file(capsys, files, tmp_path):

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from sdxl_ckpt.convert.ckpt_io import verify_crc
 from sdxl_ckpt.convert.safetensors_io import SafetensorsFile
 from sdxl_ckpt.manage.components import COMPONENTS
 from sdxl_ckpt.manage.hashing import ContentHash, TensorDigest, component_hash, hash_entries, hash_safetensors
@@ -40,6 +41,8 @@ def _hash_files(ckpt: Checkpoint, quiet: bool) -> tuple[list[dict[str, Any]], di
             result = hash_entries(weight.parsed.entries, quiet=quiet, desc=f"hashing {weight.path.name}")
             stored = None
             convention = "sha256 of the tensor contents in record order"
+            if verify_crc(weight.parsed):  # a stored crc32 that does not match raises CorruptFileError
+                convention += "; crc32 trailer verified"
         row = {"file": str(weight.path), "content_sha256": result.content_sha256, "bytes_hashed": result.nbytes,
                "convention": convention}
         if stored is not None:
@@ -87,6 +90,10 @@ def inspect_checkpoint(path: str | Path, *, keys: str = "auto", with_hash: bool 
         if unmapped:
             report["notes"].append(f"{len(unmapped)} names are not MindSpore names of the {ckpt.variant} keymap, "
                                    f"e.g. {unmapped[0]!r}")
+    if ckpt.format == "sd" and ckpt.entries and len(by_component["other"]) == len(ckpt.entries) \
+            and (ckpt.path.parent / "config.json").is_file():
+        report["notes"].append("no SD names here: this looks like one diffusers component's weight file; "
+                               f"inspect its folder ({ckpt.path.parent}) or the pipeline folder instead")
     tensors = [{"name": e.name, "sd_name": ckpt.sd_name.get(e.name), "component": ckpt.component[e.name],
                 "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes} for e in ckpt.entries]
     if with_hash:

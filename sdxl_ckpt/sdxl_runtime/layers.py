@@ -3,8 +3,8 @@
 Parameters are created with a lazy ``zeros`` initializer in the compute dtype: building even the full-size
 network allocates nothing until the loader fills each parameter (or a forward pass materialises the zeros), so
 a ckpt is never held next to a second copy of the weights. Parameter NAMES come from MindSpore's own cells
-(GroupNorm/LayerNorm ``gamma``/``beta``, Dense/Conv2d ``weight``/``bias``) and ``embedding_table`` for
-embeddings: exactly the MindSpore keymap names.
+(GroupNorm/LayerNorm ``gamma``/``beta``, Dense ``weight``/``bias``), plus ``weight``/``bias`` for convolutions and
+``embedding_table`` for embeddings: exactly the MindSpore keymap names.
 """
 
 from __future__ import annotations
@@ -25,11 +25,58 @@ def dense(in_features: int, out_features: int, rt: Runtime, bias: bool = True) -
                     dtype=rt.ms_dtype)
 
 
+IM2COL_CHUNK_BYTES = 256 * 1024 * 1024  # largest unfolded input built at once (a 1024px VAE decode needs GBs)
+
+
+class Conv2d(nn.Cell):
+    """A Conv2d with bias (``weight`` [O, C, k, k], ``bias`` [O]) and symmetric zero padding.
+
+    MindSpore's CPU Conv2D kernel runs at about 0.2 GFLOP/s (a full-size UNet evaluation would take hours), its
+    MatMul at tens of GFLOP/s: on CPU the convolution is computed as unfold (im2col) + MatMul, in row chunks so
+    the unfolded input stays under ``IM2COL_CHUNK_BYTES``. GPU / Ascend use the native kernel.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, rt: Runtime, stride: int = 1,
+                 padding: int = 0) -> None:
+        super().__init__()
+        self.weight = Parameter(initializer("zeros", (out_channels, in_channels, kernel, kernel), rt.ms_dtype))
+        self.bias = Parameter(initializer("zeros", (out_channels,), rt.ms_dtype))
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.native = rt.device != "CPU"
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.native:
+            return ops.conv2d(x, self.weight, self.bias, stride=self.stride,
+                              pad_mode="pad" if self.padding else "valid", padding=self.padding)
+        return self._im2col(x)
+
+    def _im2col(self, x: Tensor) -> Tensor:
+        k, s, p = self.kernel, self.stride, self.padding
+        b, c, h, w = x.shape
+        o = self.weight.shape[0]
+        ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        weight = self.weight.reshape(o, c * k * k)
+        bias = self.bias.reshape(1, o, 1)
+        if k == 1 and s == 1 and p == 0:
+            return (ops.matmul(weight, x.reshape(b, c, h * w)) + bias).reshape(b, o, h, w)
+        if p:
+            x = ops.pad(x, (p, p, p, p))
+        row_bytes = b * c * k * k * wo * x.itemsize
+        rows = max(1, min(ho, IM2COL_CHUNK_BYTES // max(row_bytes, 1)))
+        outs = []
+        for r0 in range(0, ho, rows):
+            r1 = min(ho, r0 + rows)
+            taps = [x[:, :, r0 * s + i: (r1 - 1) * s + i + 1: s, j: (wo - 1) * s + j + 1: s]
+                    for i in range(k) for j in range(k)]
+            cols = ops.stack(taps, axis=2).reshape(b, c * k * k, (r1 - r0) * wo)  # [B, C*k*k, rows*Wo]
+            outs.append((ops.matmul(weight, cols) + bias).reshape(b, o, r1 - r0, wo))
+        return outs[0] if len(outs) == 1 else ops.cat(outs, axis=2)
+
+
 def conv2d(in_channels: int, out_channels: int, kernel: int, rt: Runtime, stride: int = 1,
-           padding: int = 0) -> nn.Conv2d:
+           padding: int = 0) -> Conv2d:
     """A Conv2d with bias and symmetric zero padding (``padding`` 0 means none)."""
-    return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, pad_mode="pad" if padding else "valid",
-                     padding=padding, has_bias=True, weight_init="zeros", bias_init="zeros", dtype=rt.ms_dtype)
+    return Conv2d(in_channels, out_channels, kernel, rt, stride, padding)
 
 
 class GroupNorm(nn.GroupNorm):
