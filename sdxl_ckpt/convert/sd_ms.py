@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import math
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -185,6 +186,7 @@ def st_to_ms(src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "aut
              fmt: str = "ckpt", overwrite: bool = False, quiet: bool = True, key_torch: str | None = None,
              key_ms: str | None = None) -> dict[str, Any]:
     """SD safetensors -> MindSpore names in a ``.ckpt`` (or safetensors); returns the report."""
+    started = time.monotonic()
     src, out = Path(src), Path(out)
     if fmt not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -223,7 +225,7 @@ def st_to_ms(src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "aut
         metadata = {**source.metadata, "format": "ms", "sdxl_ckpt.variant": keymap.variant}
         written = write_safetensors(out, planned, metadata, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
     return _report("st-to-ms", src, out, keymap, detection, check, written, dropped, {}, absent, hasher,
-                   renamed=renamed, format=fmt, dtype=dtype)
+                   renamed=renamed, format=fmt, dtype=dtype, seconds=round(time.monotonic() - started, 3))
 
 
 def _read_ms(src: Path) -> tuple[list[TensorEntry], dict[str, str], dict[str, Any]]:
@@ -261,6 +263,7 @@ def sd_metadata(keymap: Keymap, src: Path) -> dict[str, str]:
 def ms_to_st(src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "auto", overwrite: bool = False,
              quiet: bool = True) -> dict[str, Any]:
     """MindSpore ckpt (or MindSpore-named safetensors) -> SD safetensors, record by record; returns the report."""
+    started = time.monotonic()
     src, out = Path(src), Path(out)
     check_output(out, overwrite)
     entries, metadata, extra = _read_ms(src)
@@ -297,7 +300,7 @@ def ms_to_st(src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "aut
                                 desc="ms-to-st")
     renamed = sum(1 for e in written if e.name in sd_entries and sd_entries[e.name].name != e.name)
     return _report("ms-to-st", src, out, keymap, detection, check, written, {}, restored, absent, hasher,
-                   renamed=renamed, **extra)
+                   renamed=renamed, **extra, seconds=round(time.monotonic() - started, 3))
 
 
 def render_report(report: Mapping[str, Any]) -> str:
@@ -309,7 +312,8 @@ def render_report(report: Mapping[str, Any]) -> str:
     if report.get("note"):
         lines.append(f"note: {report['note']}")
     lines.append(f"tensors written {report['keys_written']} (renamed {report['renamed']}), "
-                 f"{human_bytes(report['tensor_bytes'])}; sha256 of tensor bytes {report['sha256_tensor_bytes']}")
+                 f"{human_bytes(report['tensor_bytes'])} in {report['seconds']:.2f} s; "
+                 f"sha256 of tensor bytes {report['sha256_tensor_bytes']}")
     rows = [{"dtype": k, "bytes": v, "size": human_bytes(v)} for k, v in report["bytes_by_dtype"].items()]
     lines.append(render_table(rows, ["dtype", "bytes", "size"]))
     for title, items in (("dropped", report["dropped"]), ("restored", report["restored"])):

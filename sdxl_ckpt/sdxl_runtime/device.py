@@ -63,5 +63,8 @@ def configure(device: str = "CPU") -> None:
             raise InputError(f"this process already runs MindSpore on {_CONFIGURED[0]}; cannot switch to {device}")
         return
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.set_device(device)
+    try:
+        ms.set_device(device)
+    except (RuntimeError, ValueError) as exc:  # e.g. a device target fixed earlier in this process
+        raise InputError(f"cannot run MindSpore on {device}: {exc}") from None
     _CONFIGURED.append(device)
