@@ -127,7 +127,7 @@ def ensure_inputs(scale: str, workdir: Path, diffusers_src: Path | None = None, 
         build_diffusers(scale, diffusers, log)
     if not inputs.weight_files():
         raise InputBuildError(f"no weight files under {diffusers}")
-    for path in (inputs.sd, inputs.ckpt):
+    for path in (inputs.sd, inputs.ckpt, inputs.reference):  # all derived from the folder: remade together
         path.unlink(missing_ok=True)
     log(f"[bench] diffusers-to-sd -> {inputs.sd}")
     _run(commands.diffusers_to_sd(diffusers, inputs.sd, inputs.variant), "diffusers-to-sd (making the SD input)")

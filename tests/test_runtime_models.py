@@ -149,7 +149,7 @@ def test_one_renamed_key_is_refused_naming_it(base: Converted, tmp_path: Path) -
 def test_shape_mismatch_and_foreign_keys_are_refused(base: Converted, tmp_path: Path) -> None:
     key = "first_stage_model.decoder.conv_in.bias"
     ckpt = _edited(base.ckpt, tmp_path / "reshaped.ckpt", reshape=key)
-    with pytest.raises(KeyMismatchError, match=r"decoder\.conv_in\.bias \(file \[64, 1\], network \[64\]\)"):
+    with pytest.raises(KeyMismatchError, match=r"decoder\.conv_in\.bias \(file \[\d+, 1\], network \[\d+\]\)"):
         SDXLRuntime.from_checkpoint(ckpt, base.config, components=("vae",))
     ckpt = _edited(base.ckpt, tmp_path / "foreign.ckpt", rename={key: "global_step"})
     with pytest.raises(KeyMismatchError, match="global_step"):  # not a component's key: never skipped
@@ -252,15 +252,3 @@ def test_vae_decode_and_encode_agree_with_diffusers(base: Converted) -> None:
         ref_mean = vae.encode(torch.from_numpy(image)).latent_dist.mean.numpy()
     assert rel_l2(rt.decode(z), ref_image) < RTOL
     assert rel_l2(rt.encode(image), ref_mean) < RTOL
-
-
-def test_fp16_compute_path_stays_close_to_fp32(base: Converted) -> None:
-    """Half-precision weights and activations (norms and softmax in fp32): about 1e-3 from fp32 on the tiny base."""
-    rt32, rt16 = runtime(base), runtime(base, "fp16")
-    for a, b in zip(rt32.encode_text(IDS_L, IDS_G), rt16.encode_text(IDS_L, IDS_G)):
-        assert b.dtype == np.float32 and rel_l2(b, a) < 1e-2
-    rng = np.random.default_rng(9)
-    x = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
-    context = rng.standard_normal((1, 77, 96)).astype(np.float32)
-    y = rng.standard_normal((1, 128)).astype(np.float32)
-    assert rel_l2(rt16.unet(x, 500, context, y), rt32.unet(x, 500, context, y)) < 1e-2

@@ -64,6 +64,46 @@ def test_fp16_runtime_creates_half_parameters_but_keeps_the_vae_in_fp32() -> Non
     assert dtypes == {"model": "Float16", "conditioner": "Float16", "first_stage_model": "Float32"}
 
 
+def _filled(config: C.SDXLConfig, dtype: str) -> SDXLNet:
+    """A net whose every parameter holds seeded random values (same values for every dtype)."""
+    import zlib
+
+    from mindspore import Tensor
+
+    net = SDXLNet(config, Runtime("CPU", dtype))
+    for name, p in net.named_params().items():
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        scale = 0.1 if len(p.shape) < 2 else 1.0 / math.sqrt(math.prod(p.shape[1:]))
+        values = rng.standard_normal(p.shape) * scale + (1.0 if name.endswith(".gamma") else 0.0)
+        p.set_data(Tensor(values.astype(np.float16 if str(p.dtype) == "Float16" else np.float32)))
+    return net
+
+
+def test_fp16_compute_path_stays_close_to_fp32() -> None:
+    """Half-precision weights and activations (norms, softmax, embeddings in fp32) on a shallow tiny base."""
+    from dataclasses import replace
+
+    from mindspore import Tensor
+
+    cfg = C.tiny("base")
+    cfg = replace(cfg, unet=replace(cfg.unet, transformer_depth=(1, 1, 1), transformer_depth_up=(1, 1, 1),
+                                    transformer_depth_middle=1),
+                  clip_l=replace(cfg.clip_l, num_layers=2), openclip=replace(cfg.openclip, num_layers=2))
+    nets = {dtype: _filled(cfg, dtype) for dtype in ("fp32", "fp16")}
+    ids = np.zeros((1, 77), np.int64)
+    ids[0, :4] = [512, 40, 41, 513]
+    rng = np.random.default_rng(0)
+    x, ctx, y = (rng.standard_normal(s).astype(np.float32) for s in ((1, 4, 8, 8), (1, 77, 96), (1, 128)))
+    outs = {}
+    for dtype, net in nets.items():
+        texts = net.conditioner.encode_text(ids, ids)
+        eps = net.model.diffusion_model(Tensor(x), Tensor(np.array([500.0], np.float32)), Tensor(ctx), Tensor(y))
+        outs[dtype] = [t.asnumpy().astype(np.float64) for t in (*texts, eps)]
+    assert outs["fp32"][-1].dtype == np.float64 and str(eps.dtype) == "Float32"  # fp32 out of the fp16 UNet
+    for a, b in zip(outs["fp32"], outs["fp16"]):
+        assert np.all(np.isfinite(b)) and np.linalg.norm(b - a) / np.linalg.norm(a) < 1e-2
+
+
 def test_components_subset_builds_only_those() -> None:
     names = SDXLNet(C.tiny("base"), components=("vae",)).named_params()
     assert names and all(n.startswith("first_stage_model.") for n in names)

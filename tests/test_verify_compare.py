@@ -36,6 +36,7 @@ def test_wrong_shape_or_missing_result_fails_with_a_note():
     tol = Tolerances("fp32")
     r = compare("y", "y", np.zeros((1, 3)), np.zeros((2, 3)), tol)
     assert not r.passed and "shape [1, 3]" in r.note
+    assert r.row()["rel_l2"] is None and r.row()["ok"] == "FAIL"  # strict JSON: no Infinity
     assert not compare("y", "y", None, np.zeros(3), tol).passed
 
 

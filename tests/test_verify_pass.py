@@ -89,6 +89,11 @@ def test_lcm(cond_proj, request, tmp_path_factory, tmp_path, capsys):
     assert data["step_noise"].shape[0] == 3  # fresh noise between the 4 steps
     assert data["context"].shape[0] == (1 if cond_proj else 2)  # the w-embedding UNet runs without a CFG batch
     assert ("guidance_embedding" in [s["stage"] for s in report["stages"]]) == cond_proj
+    if cond_proj:  # diffusers' from_single_file knows no SD name for cond_proj: the reference attaches it
+        from_file = load_reference(reference(out / "lcm.safetensors", out / "ref_sd.npz", sampler="lcm", **BASE_SIZE))
+        assert from_file.meta["variant"] == "lcm" and from_file.configs["unet"]["time_cond_proj_dim"] == 16
+        for name in data.arrays:
+            assert np.array_equal(from_file[name], data[name]), name
 
 
 def test_reference_is_deterministic(base_case, tiny_base, tmp_path, capsys):
@@ -133,9 +138,25 @@ def test_verify_source_mode_runs_the_reference_in_process(tiny_base, tmp_path_fa
         (["--source", "x"], "exactly one of --reference"),
         (["--rtol-override", "step"], "STAGE=VALUE"),
         (["--dtype", "fp64"], "dtype"),
+        (["--reference", "missing.npz"], "reference file not found"),
     ],
 )
 def test_verify_refuses_bad_arguments(args, message, base_case, capsys):
     ckpt, ref = base_case
     assert main(["verify", str(ckpt), "--reference", str(ref), "--quiet", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_demo_runs_the_whole_chain(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for step in ("[1/5] tiny-model", "[2/5] diffusers-to-sd", "[3/5] st-to-ms", "[4/5] reference", "[5/5] verify"):
+        assert step in out
+    assert "demo PASS" in out and (tmp_path / "sdxl-base.ckpt").is_file() and (tmp_path / "ref-base.npz").is_file()
+
+
+def test_verify_refuses_a_ckpt_of_another_variant(base_case, tiny_refiner, tmp_path, capsys):
+    ckpt, _ = base_case
+    ref = reference(tiny_refiner, tmp_path / "ref.npz", steps=2, strength=1.0, **REFINER_SIZE)
+    assert main(["verify", str(ckpt), "--reference", str(ref), "--quiet"]) == 2
+    assert "does not fit the refiner model" in capsys.readouterr().err

@@ -21,8 +21,16 @@ from mindspore import Tensor, nn, ops
 
 from sdxl_ckpt.sdxl_runtime.config import UNetConfig
 from sdxl_ckpt.sdxl_runtime.device import Runtime
-from sdxl_ckpt.sdxl_runtime.layers import (GELU, GroupNorm, LayerNorm, attention, conv2d, dense,
-                                           timestep_embedding, upsample_nearest2x)
+from sdxl_ckpt.sdxl_runtime.layers import (
+    GELU,
+    GroupNorm,
+    LayerNorm,
+    attention,
+    conv2d,
+    dense,
+    timestep_embedding,
+    upsample_nearest2x,
+)
 
 
 class ResBlock(nn.Cell):

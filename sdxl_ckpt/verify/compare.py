@@ -42,11 +42,16 @@ class StageResult:
     note: str = ""
 
     def row(self) -> dict[str, Any]:
+        """The report row; infinities (a stage not computed, identical images' PSNR) become None for strict JSON."""
+
+        def finite(v: float | None) -> float | None:
+            return v if v is None or math.isfinite(v) else None
+
         return {
-            "stage": self.name, "reference": self.reference, "rel_l2": self.rel_l2, "max_abs": self.max_abs,
-            "cosine": self.cosine, "tol": self.tolerance, "levels_max": self.levels_max,
-            "levels_mean": self.levels_mean, "psnr": self.psnr, "ok": "ok" if self.passed else "FAIL",
-            "note": self.note,
+            "stage": self.name, "reference": self.reference, "rel_l2": finite(self.rel_l2),
+            "max_abs": finite(self.max_abs), "cosine": self.cosine, "tol": self.tolerance,
+            "levels_max": self.levels_max, "levels_mean": self.levels_mean, "psnr": finite(self.psnr),
+            "ok": "ok" if self.passed else "FAIL", "note": self.note,
         }
 
 

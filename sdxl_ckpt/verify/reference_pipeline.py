@@ -112,42 +112,80 @@ def _pipeline_class(refiner: bool) -> Any:
     return StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
 
 
-def _config_folder_from_metadata(metadata: dict[str, str], out: Path, config_dir: Path | None) -> bool:
-    """Write a diffusers config folder (model_index, component configs, scheduler, tokenizers) for from_single_file.
-
-    Component configs come from the ``sdxl_ckpt.config.*`` metadata diffusers-to-sd writes. Tokenizers are not in
-    an SD file: the tiny byte-level ones are rebuilt when the vocabulary is the tiny one, otherwise they are taken
-    from ``config_dir`` (any diffusers SDXL folder). Returns whether it is a refiner.
-    """
-    from sdxl_ckpt.tiny_model import SCHEDULER_CONFIG, TINY_VOCAB_SIZE, model_index, write_tokenizers
-
+def _configs_from(metadata: dict[str, str], config_dir: Path | None) -> dict[str, str | None]:
+    """Component config.json texts: the ``sdxl_ckpt.config.*`` metadata diffusers-to-sd writes, else ``config_dir``."""
     configs = {c: metadata.get(f"sdxl_ckpt.config.{c}") for c in COMPONENTS}
+    if config_dir is not None:
+        for c in COMPONENTS:
+            path = config_dir / c / "config.json"
+            if configs[c] is None and path.is_file():
+                configs[c] = path.read_text()
     missing = [c for c in ("unet", "vae", "text_encoder_2") if configs[c] is None]
     if missing:
-        raise InputError("SD file has no sdxl_ckpt.config.* metadata for " + ", ".join(missing)
-                         + " (not written by diffusers-to-sd): pass --config DIR, a diffusers folder of this model")
+        raise InputError("no config for " + ", ".join(missing) + ": the SD file has no sdxl_ckpt.config.* metadata "
+                         "(not written by diffusers-to-sd); pass --config DIR, a diffusers folder of this model")
+    return configs
+
+
+def write_config_folder(metadata: dict[str, str], out: Path, config_dir: Path | None) -> tuple[bool, int | None]:
+    """A diffusers config folder (model_index, component configs, scheduler, tokenizers) for from_single_file.
+
+    Tokenizers are not in an SD file: they are copied from ``config_dir`` (any diffusers SDXL folder) or, for the
+    tiny models' byte-level vocabulary, rebuilt. The UNet config is written WITHOUT ``time_cond_proj_dim``:
+    diffusers' single-file converter knows no SD name for the LCM guidance embedding (this project's
+    ``model.diffusion_model.time_cond_proj.weight``) and would leave it uninitialised; it is attached after
+    loading (``attach_cond_proj``). Returns (is refiner, cond_proj width or None).
+    """
+    import shutil
+
+    from sdxl_ckpt.tiny_model import SCHEDULER_CONFIG, TINY_VOCAB_SIZE, model_index, write_tokenizers
+
+    configs = _configs_from(metadata, config_dir)
     refiner = configs["text_encoder"] is None
-    variant = "refiner" if refiner else "base"
-    (out / "model_index.json").write_text(json.dumps(model_index(variant)))
+    unet = json.loads(configs["unet"])
+    cond_dim = unet.pop("time_cond_proj_dim", None)
+    configs["unet"] = json.dumps(unet)
+    (out / "model_index.json").write_text(json.dumps(model_index("refiner" if refiner else "base")))
     for component, text in configs.items():
         if text is not None:
             (out / component).mkdir()
             (out / component / "config.json").write_text(text)
     (out / "scheduler").mkdir()
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
-    vocab = json.loads(configs["text_encoder_2"]).get("vocab_size")
-    if config_dir is not None:
-        for name in ("tokenizer", "tokenizer_2"):
-            if (config_dir / name).is_dir():
-                import shutil
-
-                shutil.copytree(config_dir / name, out / name)
-    elif vocab == TINY_VOCAB_SIZE:
-        write_tokenizers(out, variant)
+    scheduler = config_dir / "scheduler" / "scheduler_config.json" if config_dir is not None else None
+    (out / "scheduler" / "scheduler_config.json").write_text(
+        scheduler.read_text() if scheduler is not None and scheduler.is_file() else json.dumps(SCHEDULER_CONFIG))
+    names = ("tokenizer_2",) if refiner else ("tokenizer", "tokenizer_2")
+    if config_dir is not None and all((config_dir / n).is_dir() for n in names):
+        for name in names:
+            shutil.copytree(config_dir / name, out / name)
+    elif json.loads(configs["text_encoder_2"]).get("vocab_size") == TINY_VOCAB_SIZE:
+        write_tokenizers(out, "refiner" if refiner else "base")
     else:
-        raise InputError("an SD file carries no tokenizer: pass --config DIR, a diffusers folder with tokenizer/ "
-                         "and tokenizer_2/")
-    return refiner
+        raise InputError("an SD file carries no tokenizer: pass --config DIR, a diffusers folder with "
+                         + " and ".join(f"{n}/" for n in names))
+    return refiner, cond_dim
+
+
+COND_PROJ_SD_KEY = "model.diffusion_model.time_cond_proj.weight"
+
+
+def attach_cond_proj(pipe: Any, src: Path, cond_dim: int) -> None:
+    """Rebuild the UNet with its LCM guidance embedding and fill it from the SD file's ``time_cond_proj``."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as handle:
+        if COND_PROJ_SD_KEY not in handle.keys():
+            raise InputError(f"UNet config has time_cond_proj_dim {cond_dim} but the file lacks the tensor",
+                             path=src, key=COND_PROJ_SD_KEY)
+        weight = handle.get_tensor(COND_PROJ_SD_KEY).to(torch.float32)
+    config = {k: v for k, v in pipe.unet.config.items() if k != "_use_default_values"}  # else the default wins
+    config["time_cond_proj_dim"] = cond_dim
+    unet = UNet2DConditionModel.from_config(config).to(torch.float32)
+    state = pipe.unet.state_dict() | {"time_embedding.cond_proj.weight": weight}
+    unet.load_state_dict(state, strict=True)
+    pipe.unet = unet.eval()
 
 
 def load_pipeline(src: str | Path, unet_dir: str | Path | None = None, config_dir: str | Path | None = None
@@ -170,15 +208,12 @@ def load_pipeline(src: str | Path, unet_dir: str | Path | None = None, config_di
 
         metadata = dict(read_safetensors(src).metadata or {})
         with tempfile.TemporaryDirectory(prefix="sdxl-ckpt-config-") as tmp:
-            if config_dir is not None and (Path(config_dir) / "model_index.json").is_file() \
-                    and not any(k.startswith("sdxl_ckpt.config.") for k in metadata):
-                cfg_dir, refiner = Path(config_dir), _is_refiner_folder(Path(config_dir))
-            else:
-                cfg_dir = Path(tmp)
-                refiner = _config_folder_from_metadata(metadata, cfg_dir,
-                                                       Path(config_dir) if config_dir is not None else None)
-            pipe = _pipeline_class(refiner).from_single_file(str(src), config=str(cfg_dir), local_files_only=True,
+            refiner, cond_dim = write_config_folder(metadata, Path(tmp),
+                                                    Path(config_dir) if config_dir is not None else None)
+            pipe = _pipeline_class(refiner).from_single_file(str(src), config=tmp, local_files_only=True,
                                                              torch_dtype=torch.float32, **extra)
+        if cond_dim is not None and unet is None:
+            attach_cond_proj(pipe, src, int(cond_dim))
         return LoadedPipeline(pipe, refiner, "single_file", metadata)
 
 
