@@ -150,23 +150,26 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [f"# One SDXL base UNet evaluation on CPU ({report['scale']})", "",
              f"Batch 1, fp32, {report['latent']}x{report['latent']} latent, timestep {report['timestep']}, "
              "random weights (identical on both sides). Each side in its own process; peak = the kernel's VmHWM.",
-             "", "| side | build s | fill weights s | evaluation s | peak RSS GiB |", "|---|---|---|---|---|"]
+             "", "| side | build s | fill weights s | evaluation s | peak RSS GiB | load avg before / after |",
+             "|---|---|---|---|---|---|"]
     for side in ("ours", "diffusers"):
         r = report["sides"].get(side)
         if r is None:
             continue
         if not r.get("ok", False):
-            lines.append(f"| {side} | failed: {r.get('error', '')[:80]} | | | |")
+            lines.append(f"| {side} | failed: {r.get('error', '')[:80]} | | | | |")
             continue
         evals = ", ".join(f"{t:.1f}" for t in r["eval_s"])
         lines.append(f"| {side} ({r['framework']}) | {r['build_s']:.1f} | {r['fill_s']:.1f} | {evals} | "
-                     f"{r['peak_hwm_bytes'] / gib:.2f} |")
+                     f"{r['peak_hwm_bytes'] / gib:.2f} | {r['load_before'][0]} / {r['load_after'][0]} |")
     m = report["machine"]
     lines += ["", f"Agreement of the two outputs: relative L2 {report.get('rel_l2', 'n/a')}.", "",
               f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram'] / gib:.1f} GiB RAM; load average before "
               f"the runs {report['load_before']}. MindSpore {m['versions'].get('mindspore')}, torch "
               f"{report.get('torch')}, diffusers {report.get('diffusers')}.",
-              "Our CPU convolutions run as im2col + MatMul (MindSpore's CPU Conv2D kernel is ~0.2 GFLOP/s)."]
+              "The first evaluation includes each framework's warm-up. Our CPU convolutions run as im2col + MatMul "
+              "(MindSpore's CPU Conv2D kernel is ~0.2 GFLOP/s) and kernels launch synchronously "
+              "(mindspore.runtime.launch_blocking). The machine is shared (2 cores): compare with the load columns."]
     return "\n".join(lines) + "\n"
 
 
@@ -191,8 +194,10 @@ def parent(tiny: bool, repeat: int, sides: list[str], force: bool) -> int:
             continue
         argv = [sys.executable, "-m", "bench.unet_full_cpu", "--child", side, "--repeat", str(repeat),
                 "--work", str(work)] + (["--tiny"] if tiny else [])
+        load = [round(v, 2) for v in os.getloadavg()]
         m = run_measured(argv, log_dir=work / side, cap_bytes=20 * 1024 ** 3, cwd=HERE.parent)
-        entry: dict[str, Any] = {"ok": m.ok, "wall_s": m.wall_s, "peak_hwm_bytes": m.peak_hwm,
+        entry: dict[str, Any] = {"ok": m.ok, "load_before": load, "load_after": [round(v, 2) for v in os.getloadavg()],
+                                 "wall_s": m.wall_s, "peak_hwm_bytes": m.peak_hwm,
                                  "peak_total_bytes": m.peak_total, "framework": "MindSpore" if side == "ours"
                                  else "PyTorch/diffusers"}
         if m.ok:
