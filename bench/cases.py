@@ -40,6 +40,8 @@ CASES: tuple[Case, ...] = (
          reference="copy_diffusers", target_ratio=1.5, target_rss=RSS_TARGET),
     Case("copy_sd", "plain copy: SD safetensors", "sd", "copy", "copy_sd.bin",
          lambda i, o: commands.plain_copy([i.sd], o)),
+    Case("dd_sd", "user-space copy (dd bs=64M): SD safetensors", "sd", "copy", "dd_sd.bin",
+         lambda i, o: commands.user_space_copy(i.sd, o), reference="copy_sd"),
     Case("st_to_ms_keep", "st-to-ms --dtype keep", "sd", "convert", "ms_keep.ckpt",
          lambda i, o: commands.st_to_ms(i.sd, o, "keep"), needs="st-to-ms",
          reference="copy_sd", target_ratio=1.5, target_rss=RSS_TARGET),

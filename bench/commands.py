@@ -66,5 +66,12 @@ def plain_copy(srcs: list[Path], out: Path) -> list[str]:
     return ["sh", "-c", script, "sh", str(out), *map(str, srcs)]
 
 
+def user_space_copy(src: Path, out: Path) -> list[str]:
+    """``dd`` moves the bytes through a user-space buffer (read + write), as any Python converter must; GNU ``cat``
+    copies inside the kernel (``copy_file_range``). The gap between the two is the floor a converter cannot beat
+    without in-kernel copies of its own."""
+    return ["dd", f"if={src}", f"of={out}", "bs=64M", "conv=fsync", "status=none"]
+
+
 def baseline(src: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "bench.baseline_mindone", str(src), str(out)]

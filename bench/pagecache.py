@@ -87,11 +87,16 @@ def resident_fraction(paths: Iterable[Path]) -> float | None:
 
 
 def prepare(paths: list[Path], mode: str) -> float | None:
-    """Bring ``paths`` into the state ``mode`` ("warm" | "cold") and return the measured resident fraction."""
+    """Bring ``paths`` into the state ``mode`` ("warm" | "cold") and return the measured resident fraction.
+
+    Either way every dirty page on the machine is flushed first (``sync``): a run's own ``fsync`` otherwise pays
+    for whatever the previous case (or a neighbour) left unwritten, which made plain-copy times vary 3-20 s.
+    """
+    if mode not in ("warm", "cold"):
+        raise ValueError(f"unknown cache mode {mode!r}")
+    os.sync()
     if mode == "warm":
         warm(paths)
-    elif mode == "cold":
-        evict(paths)
     else:
-        raise ValueError(f"unknown cache mode {mode!r}")
+        evict(paths)
     return resident_fraction(paths)

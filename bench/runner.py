@@ -112,12 +112,22 @@ def summarize(case: Case, runs: list[dict], input_bytes: int) -> dict:
 
 
 def add_ratios(summaries: dict[str, dict]) -> None:
+    """Time relative to the plain copy, paired by round: each round's run over that round's copy, then the median.
+
+    Pairing matters on a shared machine: a busy minute slows both runs of a round, so it cancels in their ratio.
+    ``ratio_of_medians`` (median wall / median copy wall) is kept in the JSON for comparison.
+    """
     for s in summaries.values():
+        s["ratio_to_copy"] = s["ratio_of_medians"] = None
+        s["ratios_by_round"] = []
         ref = summaries.get(s["reference"]) if s["reference"] else None
-        if ref and ref["wall_median"] and s["wall_median"] is not None:
-            s["ratio_to_copy"] = s["wall_median"] / ref["wall_median"]
-        else:
-            s["ratio_to_copy"] = None
+        if not ref:
+            continue
+        copies = {r["rep"]: r["wall_s"] for r in ref["runs"] if r["ok"]}
+        s["ratios_by_round"] = [r["wall_s"] / copies[r["rep"]] for r in s["runs"] if r["ok"] and r["rep"] in copies]
+        s["ratio_to_copy"] = _median(s["ratios_by_round"])
+        if ref["wall_median"] and s["wall_median"] is not None:
+            s["ratio_of_medians"] = s["wall_median"] / ref["wall_median"]
 
 
 def run_scale(scale: str, cases: list[Case], cfg: Config) -> dict:
@@ -145,7 +155,11 @@ def run_scale(scale: str, cases: list[Case], cfg: Config) -> dict:
         if c not in available:
             summaries[c.key]["status"] = f"unavailable (no `sdxl-ckpt {c.needs}`)"
     add_ratios(summaries)
+    from sdxl_ckpt.convert.safetensors_io import read_safetensors
+
+    largest = max(read_safetensors(inputs.sd).entries, key=lambda e: e.nbytes)
     return {
+        "largest_tensor": {"name": largest.name, "bytes": largest.nbytes, "dtype": largest.dtype},
         "inputs": {kind: {"files": [str(p) for p in inputs.files(kind)], "bytes": inputs.size(kind)}
                    for kind in ("diffusers", "sd", "ckpt")},
         "elapsed_s": time.time() - started,

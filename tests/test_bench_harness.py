@@ -124,7 +124,7 @@ def test_results_json_matches_cases(tiny_run):
         assert case["resident_min"] == pytest.approx(1.0, abs=0.01)  # warm cache, as configured
         if case["reference"]:
             assert case["ratio_to_copy"] > 0
-    for key in ("copy_diffusers", "copy_sd", "copy_ckpt"):  # a copy writes exactly its input
+    for key in ("copy_diffusers", "copy_sd", "dd_sd", "copy_ckpt"):  # a copy writes exactly its input
         assert cases[key]["output_bytes"] == cases[key]["input_bytes"]
     # fp32 output is twice the fp16 input's tensor bytes, give or take headers
     assert cases["st_to_ms_fp32"]["output_bytes"] > 1.9 * cases["st_to_ms_keep"]["output_bytes"]

@@ -69,7 +69,10 @@ def configure(device: str = "CPU") -> None:
     try:
         ms.set_device(device)
     except (RuntimeError, ValueError) as exc:  # e.g. a device target fixed earlier in this process
-        raise InputError(f"cannot run MindSpore on {device}: {exc}") from None
+        if ms.get_context("device_target") != device:
+            raise InputError(f"cannot run MindSpore on {device}: {exc}") from None
+        _CONFIGURED.append(device)  # MindSpore already runs on this device (initialised by earlier work)
+        return
     if device == "CPU":
         # PyNative's asynchronous launch queue costs milliseconds per kernel on a small shared CPU (tiny UNet
         # evaluation 7-17 s queued, 1.3-2.4 s blocking, 2 cores under load); results are identical

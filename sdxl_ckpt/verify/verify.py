@@ -270,22 +270,6 @@ class VerifyReport:
         return report_dict(self.results, self.context)
 
 
-def synchronous_cpu(device: str) -> None:
-    """On CPU, run MindSpore kernels synchronously (``mindspore.runtime.launch_blocking``).
-
-    PyNative's asynchronous launch queue costs milliseconds per kernel on a small, shared CPU (measured on 2 cores
-    under load: a tiny-model UNet evaluation 4-6 s asynchronous, 0.4 s blocking; a 128x128 Dense 8 ms vs 0.1 ms).
-    Results are identical; only the scheduling changes. Process-wide, so set here rather than per call.
-    """
-    if device == "CPU":
-        import mindspore as ms
-
-        from sdxl_ckpt.sdxl_runtime.device import configure
-
-        configure(device)
-        ms.runtime.launch_blocking()
-
-
 def runtime_config(ref: Reference) -> Any:
     """The runtime's SDXLConfig from the component configs the reference stored."""
     from sdxl_ckpt.sdxl_runtime.config import from_diffusers_configs
@@ -312,7 +296,6 @@ def verify_checkpoint(ckpt: str | os.PathLike, ref: Reference, *, sampler: str |
     if ref_sampler not in VERIFY_SAMPLERS:
         raise InputError(f"unknown sampler {ref_sampler!r} in the reference")
     tol = Tolerances(dtype, dict(overrides or {}))
-    synchronous_cpu(device)
     start = time.perf_counter()
     try:
         rt = SDXLRuntime.from_checkpoint(ckpt, runtime_config(ref), device=device, dtype=dtype, quiet=quiet)
