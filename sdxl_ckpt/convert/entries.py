@@ -27,6 +27,9 @@ class TensorEntry:
     shape: tuple[int, ...]
     loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
     source: str = ""  # file (and key) the bytes come from, for error messages and reports
+    # (file, offset) where ``load()``'s exact bytes lie, when they pass through unchanged: writers may copy them
+    # in the kernel (``fastio.copy_span``) instead of writing the array
+    span: tuple[str, int] | None = field(default=None, compare=False)
 
     @property
     def numel(self) -> int:

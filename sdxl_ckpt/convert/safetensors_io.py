@@ -23,6 +23,7 @@ import numpy as np
 from sdxl_ckpt.convert.atomic import atomic_output
 from sdxl_ckpt.convert.dtypes import ITEMSIZE, ST_TO_NUMPY
 from sdxl_ckpt.convert.entries import TensorEntry
+from sdxl_ckpt.convert.fastio import Background, copy_span, map_bytes
 from sdxl_ckpt.errors import CorruptFileError, InputError
 from sdxl_ckpt.manage.values import NonFiniteWatch
 from sdxl_ckpt.progress import byte_bar
@@ -45,13 +46,9 @@ class SafetensorsFile:
 
 
 def _reader(path: Path, name: str, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...]):
+    """A loader returning a read-only view over the tensor's own memory map (see ``fastio.map_bytes``)."""
     def load() -> np.ndarray:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            buf = handle.read(nbytes)
-        if len(buf) != nbytes:
-            raise CorruptFileError(f"truncated: expected {nbytes} bytes, got {len(buf)}", path=path, key=name)
-        return np.frombuffer(buf, dtype=ST_TO_NUMPY[dtype]).reshape(shape)
+        return map_bytes(path, offset, nbytes, name).view(ST_TO_NUMPY[dtype]).reshape(shape)
 
     return load
 
@@ -123,7 +120,7 @@ def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
         spans.append((begin, end, name))
         entries.append(TensorEntry(name, dtype, shape,
                                    _reader(path, name, data_start + begin, end - begin, dtype, shape),
-                                   source=str(path)))
+                                   source=str(path), span=(str(path), data_start + begin)))
     spans.sort()
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
@@ -176,7 +173,8 @@ def write_safetensors(
         planned = library_order(planned)
     header = build_header(planned, metadata)
     watch = NonFiniteWatch()  # NaN / Inf are written as they are, but never silently
-    with atomic_output(path, overwrite) as handle, byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar:
+    with atomic_output(path, overwrite) as handle, byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar, \
+            Background() as checks:  # the NaN / Inf check overlaps the write
         handle.write(header)
         for entry in planned:
             array = entry.load()
@@ -184,8 +182,11 @@ def write_safetensors(
             if tuple(array.shape) != entry.shape or array.dtype != expect:
                 raise InputError(f"produced {array.dtype}{list(array.shape)}, planned "
                                  f"{entry.dtype}{list(entry.shape)}", key=entry.name)
-            watch.check(entry.name, array, entry.dtype)
-            handle.write(np.ascontiguousarray(array).data)
+            checks.put(watch.check, entry.name, array, entry.dtype)
+            content = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            copied = copy_span(handle, *entry.span, len(content)) if entry.span else 0
+            handle.write(content[copied:])
+            del array, content
             bar.update(entry.nbytes)
     watch.finish()
     return planned

@@ -27,6 +27,7 @@ from sdxl_ckpt.convert.atomic import check_output
 from sdxl_ckpt.convert.ckpt_io import scan_ckpt, verify_crc, write_ckpt
 from sdxl_ckpt.convert.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, cast_array, target_dtype
 from sdxl_ckpt.convert.entries import TensorEntry
+from sdxl_ckpt.convert.fastio import Background
 from sdxl_ckpt.convert.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.errors import InputError, KeyMismatchError
 from sdxl_ckpt.keymaps import VARIANTS, Keymap, KeySpec, load_keymap
@@ -143,11 +144,16 @@ def _choose_keymap(keys: str, shapes: Mapping[str, tuple[int, ...]], metadata: M
 
 
 class _Hasher:
-    """sha256 over the tensor bytes in written order, and bytes per dtype, fed by the loaders as they run."""
+    """sha256 over the tensor bytes in written order, and bytes per dtype, fed by the loaders as they run.
+
+    The hashing runs on a worker thread (``fastio.Background``), so it overlaps the write; ``digest()`` waits
+    for it. ``close()`` must be called on every path (it stops the thread).
+    """
 
     def __init__(self) -> None:
         self.sha = hashlib.sha256()
         self.bytes_by_dtype: Counter = Counter()
+        self._worker = Background()
 
     def wrap(self, entry: TensorEntry, name: str, dtype: str,
              transform: Callable[[np.ndarray], np.ndarray] | None = None) -> TensorEntry:
@@ -156,11 +162,22 @@ class _Hasher:
             if transform is not None:
                 array = transform(array)
             array = np.ascontiguousarray(array) if array.ndim else array
-            self.sha.update(memoryview(array.reshape(-1).view(np.uint8)))
+            self._worker.put(self.sha.update, memoryview(array.reshape(-1).view(np.uint8)))
             return array
 
         self.bytes_by_dtype[dtype] += math.prod(entry.shape) * np.dtype(_itemsize_dtype(dtype)).itemsize
-        return TensorEntry(name, dtype, entry.shape, load, source=entry.source)
+        span = entry.span if transform is None else None  # unchanged bytes can still be copied in the kernel
+        return TensorEntry(name, dtype, entry.shape, load, source=entry.source, span=span)
+
+    def digest(self) -> str:
+        self._worker.close()
+        return self.sha.hexdigest()
+
+    def __enter__(self) -> _Hasher:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._worker.stop()  # a no-op after digest(); ends the thread when the conversion failed
 
 
 def _itemsize_dtype(dtype: str) -> np.dtype:
@@ -177,7 +194,7 @@ def _report(direction: str, src: Path, out: Path, keymap: Keymap, detection: Det
         "variant_reason": detection.reason, "note": detection.note, "check": check.mode,
         "keys_written": len(written), "renamed": extra.pop("renamed", 0), "dropped": dropped, "restored": restored,
         "optional_absent": absent, "bytes_by_dtype": dict(sorted(hasher.bytes_by_dtype.items())),
-        "tensor_bytes": sum(hasher.bytes_by_dtype.values()), "sha256_tensor_bytes": hasher.sha.hexdigest(),
+        "tensor_bytes": sum(hasher.bytes_by_dtype.values()), "sha256_tensor_bytes": hasher.digest(),
         **extra,
     }
 
@@ -205,27 +222,27 @@ def st_to_ms(src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "aut
     raise_problems(check.problems, src)
 
     requested = DTYPE_CHOICES[dtype]
-    hasher = _Hasher()
-    planned, dropped, renamed = [], {}, 0
-    for spec in keymap.specs:
-        entry = entries.get(spec.sd)
-        if entry is None:
-            continue
-        if spec.ms is None:
-            dropped[spec.sd] = spec.why
-            continue
-        dst = target_dtype(entry.dtype, requested)
-        cast = None if dst == entry.dtype else (lambda a, s=entry.dtype, d=dst: cast_array(a, s, d))
-        planned.append(hasher.wrap(entry, spec.ms, dst, cast))
-        renamed += spec.ms != spec.sd
-    absent = [k for k in keymap.optional_sd if k not in entries]
-    if fmt == "ckpt":
-        written = write_ckpt(out, planned, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
-    else:
-        metadata = {**source.metadata, "format": "ms", "sdxl_ckpt.variant": keymap.variant}
-        written = write_safetensors(out, planned, metadata, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
-    return _report("st-to-ms", src, out, keymap, detection, check, written, dropped, {}, absent, hasher,
-                   renamed=renamed, format=fmt, dtype=dtype, seconds=round(time.monotonic() - started, 3))
+    with _Hasher() as hasher:
+        planned, dropped, renamed = [], {}, 0
+        for spec in keymap.specs:
+            entry = entries.get(spec.sd)
+            if entry is None:
+                continue
+            if spec.ms is None:
+                dropped[spec.sd] = spec.why
+                continue
+            dst = target_dtype(entry.dtype, requested)
+            cast = None if dst == entry.dtype else (lambda a, s=entry.dtype, d=dst: cast_array(a, s, d))
+            planned.append(hasher.wrap(entry, spec.ms, dst, cast))
+            renamed += spec.ms != spec.sd
+        absent = [k for k in keymap.optional_sd if k not in entries]
+        if fmt == "ckpt":
+            written = write_ckpt(out, planned, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
+        else:
+            metadata = {**source.metadata, "format": "ms", "sdxl_ckpt.variant": keymap.variant}
+            written = write_safetensors(out, planned, metadata, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
+        return _report("st-to-ms", src, out, keymap, detection, check, written, dropped, {}, absent, hasher,
+                       renamed=renamed, format=fmt, dtype=dtype, seconds=round(time.monotonic() - started, 3))
 
 
 def _read_ms(src: Path) -> tuple[list[TensorEntry], dict[str, str], dict[str, Any]]:
@@ -284,23 +301,23 @@ def ms_to_st(src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "aut
                                  {n: e.dtype for n, e in sd_entries.items()}, keymap)
     raise_problems(problems + [(keymap.sd_to_ms.get(k, k) if k else k, m) for k, m in check.problems], src)
 
-    hasher = _Hasher()
-    planned, restored = [], {}
-    for spec in keymap.specs:
-        if spec.ms is None:
-            if spec.restore:
-                planned.append(hasher.wrap(_restore(spec, check.bindings), spec.sd, "I64"))
-                restored[spec.sd] = spec.why
-            continue
-        entry = sd_entries.get(spec.sd)
-        if entry is not None:
-            planned.append(hasher.wrap(entry, spec.sd, entry.dtype))
-    absent = [k for k in keymap.optional_sd if k not in sd_entries]
-    written = write_safetensors(out, planned, sd_metadata(keymap, src), overwrite=overwrite, quiet=quiet,
-                                desc="ms-to-st")
-    renamed = sum(1 for e in written if e.name in sd_entries and sd_entries[e.name].name != e.name)
-    return _report("ms-to-st", src, out, keymap, detection, check, written, {}, restored, absent, hasher,
-                   renamed=renamed, **extra, seconds=round(time.monotonic() - started, 3))
+    with _Hasher() as hasher:
+        planned, restored = [], {}
+        for spec in keymap.specs:
+            if spec.ms is None:
+                if spec.restore:
+                    planned.append(hasher.wrap(_restore(spec, check.bindings), spec.sd, "I64"))
+                    restored[spec.sd] = spec.why
+                continue
+            entry = sd_entries.get(spec.sd)
+            if entry is not None:
+                planned.append(hasher.wrap(entry, spec.sd, entry.dtype))
+        absent = [k for k in keymap.optional_sd if k not in sd_entries]
+        written = write_safetensors(out, planned, sd_metadata(keymap, src), overwrite=overwrite, quiet=quiet,
+                                    desc="ms-to-st")
+        renamed = sum(1 for e in written if e.name in sd_entries and sd_entries[e.name].name != e.name)
+        return _report("ms-to-st", src, out, keymap, detection, check, written, {}, restored, absent, hasher,
+                       renamed=renamed, **extra, seconds=round(time.monotonic() - started, 3))
 
 
 def render_report(report: Mapping[str, Any]) -> str:
