@@ -52,6 +52,9 @@ def _planned_shape(target: Target, shapes: Sequence[tuple[int, ...]], where: str
     raise InputError(f"unknown transform {target.transform!r}")
 
 
+BYTE_PRESERVING = ("none", "conv1x1")  # transforms that change at most the shape, never a byte
+
+
 def _apply(transform: str, arrays: list[np.ndarray]) -> np.ndarray:
     if transform == "none":
         return arrays[0]
@@ -149,8 +152,10 @@ def _plan_component(component: Component, prefix: str, requested: str | None
         shape = _planned_shape(target, [e.shape for e in sources], sources[0].source)
         dst = target_dtype(sources[0].dtype, requested)
         numpy_dtype(dst)
+        same_bytes = target.transform in BYTE_PRESERVING and dst == sources[0].dtype  # the writer may copy them
         entries.append(TensorEntry(target.name, dst, shape, _loader(sources, target.transform, dst, shape),
-                                   source=" + ".join(f"{e.source}:{e.name}" for e in sources)))
+                                   source=" + ".join(f"{e.source}:{e.name}" for e in sources),
+                                   span=sources[0].span if same_bytes else None))
     floats = Counter(e.dtype for e in entries if e.dtype in FLOAT_DTYPES)
     float_dtype = floats.most_common(1)[0][0] if floats else (requested or "F32")
     generated = [_generated_entry(name, gen, component, float_dtype) for name, gen in cmap.generated]

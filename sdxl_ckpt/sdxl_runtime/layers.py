@@ -197,3 +197,14 @@ def upsample_nearest2x(x: Tensor) -> Tensor:
     b, c, h, w = x.shape
     x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2))
     return x.reshape(b, c, 2 * h, 2 * w)
+
+
+class Upsample(nn.Cell):
+    """Nearest 2x, then ``conv`` (3x3, padding 1): the same module (and parameter names) in UNet and VAE."""
+
+    def __init__(self, channels: int, rt: Runtime) -> None:
+        super().__init__()
+        self.conv = conv2d(channels, channels, 3, rt, padding=1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.conv(upsample_nearest2x(x))

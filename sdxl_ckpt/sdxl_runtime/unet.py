@@ -25,11 +25,11 @@ from sdxl_ckpt.sdxl_runtime.layers import (
     GELU,
     GroupNorm,
     LayerNorm,
+    Upsample,
     attention,
     conv2d,
     dense,
     timestep_embedding,
-    upsample_nearest2x,
 )
 
 
@@ -142,17 +142,6 @@ class Downsample(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Cell):
-    """Nearest 2x, then ``conv`` (3x3, padding 1)."""
-
-    def __init__(self, channels: int, rt: Runtime) -> None:
-        super().__init__()
-        self.conv = conv2d(channels, channels, 3, rt, padding=1)
-
-    def construct(self, x: Tensor) -> Tensor:
-        return self.conv(upsample_nearest2x(x))
 
 
 class TimestepEmbedSequential(nn.CellList):

@@ -18,7 +18,7 @@ from mindspore import Tensor, nn, ops
 
 from sdxl_ckpt.sdxl_runtime.config import VAEConfig
 from sdxl_ckpt.sdxl_runtime.device import Runtime
-from sdxl_ckpt.sdxl_runtime.layers import GroupNorm, conv2d, upsample_nearest2x
+from sdxl_ckpt.sdxl_runtime.layers import GroupNorm, Upsample, conv2d
 
 
 class ResnetBlock(nn.Cell):
@@ -71,15 +71,6 @@ class Downsample(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         return self.conv(ops.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Cell):
-    def __init__(self, channels: int, rt: Runtime) -> None:
-        super().__init__()
-        self.conv = conv2d(channels, channels, 3, rt, padding=1)
-
-    def construct(self, x: Tensor) -> Tensor:
-        return self.conv(upsample_nearest2x(x))
 
 
 class Mid(nn.Cell):

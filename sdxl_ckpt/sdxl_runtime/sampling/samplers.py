@@ -44,9 +44,26 @@ def to_d(x: np.ndarray, sigma: float, denoised: np.ndarray) -> np.ndarray:
     return (x - denoised) / np.float32(sigma)
 
 
-def _churn(sigma: float, n_steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
-    """EDM's gamma: raise the noise level by a factor (1 + gamma) inside [s_tmin, s_tmax]."""
-    return min(s_churn / n_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+def _churn(
+    x: np.ndarray,
+    sigma: float,
+    sigma_next: float,
+    n_steps: int,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+    noise_sampler: NoiseSampler,
+) -> tuple[np.ndarray, float]:
+    """EDM's churn: inside [s_tmin, s_tmax] raise the noise level to sigma_hat = sigma * (1 + gamma) by adding noise.
+
+    Returns the (possibly noised) sample and sigma_hat; with s_churn 0 it is ``(x, sigma)`` unchanged.
+    """
+    gamma = min(s_churn / n_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1.0)
+    if gamma > 0:
+        x = x + noise_sampler(sigma, sigma_next) * np.float32(s_noise * (sigma_hat**2 - sigma**2) ** 0.5)
+    return x, sigma_hat
 
 
 def _gaussian(x: np.ndarray, seed: int = 0) -> NoiseSampler:
@@ -70,10 +87,7 @@ def sample_euler(
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        gamma = _churn(sigma, n, s_churn, s_tmin, s_tmax)
-        sigma_hat = sigma * (gamma + 1.0)
-        if gamma > 0:
-            x = x + noise_sampler(sigma, sigma_next) * np.float32(s_noise * (sigma_hat**2 - sigma**2) ** 0.5)
+        x, sigma_hat = _churn(x, sigma, sigma_next, n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         d = to_d(x, sigma_hat, denoise(x, sigma_hat))
         x = x + d * np.float32(sigma_next - sigma_hat)
         if callback is not None:
@@ -97,10 +111,7 @@ def sample_heun(
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        gamma = _churn(sigma, n, s_churn, s_tmin, s_tmax)
-        sigma_hat = sigma * (gamma + 1.0)
-        if gamma > 0:
-            x = x + noise_sampler(sigma, sigma_next) * np.float32(s_noise * (sigma_hat**2 - sigma**2) ** 0.5)
+        x, sigma_hat = _churn(x, sigma, sigma_next, n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         d = to_d(x, sigma_hat, denoise(x, sigma_hat))
         dt = np.float32(sigma_next - sigma_hat)
         if sigma_next == 0:
