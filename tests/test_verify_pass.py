@@ -55,6 +55,17 @@ def test_base_euler(base_case, tmp_path, capsys):
         "schedule", "text_encoder_1", "text_encoder_2.hidden", "text_encoder_2.pooled", "context", "y", "unet.first"]
 
 
+def test_base_fp16_compute_on_cpu(base_case, tmp_path, capsys):
+    """The half-precision path (weights and activations fp16, norms/softmax fp32, VAE fp32) against the fp32
+    reference: within the fp16 defaults (rel L2 5e-2, 8 levels), and measurably not the fp32 path (error > 1e-4)."""
+    ckpt, ref = base_case
+    rc, report = verify_json(ckpt, ref, tmp_path, capsys, "--dtype", "fp16")
+    assert rc == 0 and report["passed"]
+    unet = next(s for s in report["stages"] if s["stage"] == "unet.first")
+    assert 1e-4 < unet["rel_l2"] < 1e-2, unet
+    assert report["stages"][-1]["levels_max"] <= 8
+
+
 def test_base_dpmpp_2m(base_case, tiny_base, tmp_path, capsys):
     ckpt, _ = base_case
     ref = reference(tiny_base, tmp_path / "ref.npz", sampler="dpmpp_2m", **BASE_SIZE)
