@@ -144,7 +144,8 @@ def write_ckpt(
                 chunk = content[start:start + SLICE_BYTES]
                 head = record_header(entry.name, entry.shape, ST_TO_MS[entry.dtype], len(chunk))
                 handle.write(head)
-                copied = copy_span(handle, entry.span[0], entry.span[1] + start, len(chunk)) if entry.span else 0
+                span = entry.passthrough_span
+                copied = copy_span(handle, span[0], span[1] + start, len(chunk)) if span else 0
                 handle.write(chunk[copied:])
                 if crc:
                     checksum = binascii.crc32(chunk, binascii.crc32(head, checksum))

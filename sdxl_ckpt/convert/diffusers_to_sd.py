@@ -155,7 +155,7 @@ def _plan_component(component: Component, prefix: str, requested: str | None
         same_bytes = target.transform in BYTE_PRESERVING and dst == sources[0].dtype  # the writer may copy them
         entries.append(TensorEntry(target.name, dst, shape, _loader(sources, target.transform, dst, shape),
                                    source=" + ".join(f"{e.source}:{e.name}" for e in sources),
-                                   span=sources[0].span if same_bytes else None))
+                                   span=sources[0].passthrough_span if same_bytes else None))
     floats = Counter(e.dtype for e in entries if e.dtype in FLOAT_DTYPES)
     float_dtype = floats.most_common(1)[0][0] if floats else (requested or "F32")
     generated = [_generated_entry(name, gen, component, float_dtype) for name, gen in cmap.generated]

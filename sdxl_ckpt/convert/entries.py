@@ -28,8 +28,20 @@ class TensorEntry:
     loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
     source: str = ""  # file (and key) the bytes come from, for error messages and reports
     # (file, offset) where ``load()``'s exact bytes lie, when they pass through unchanged: writers may copy them
-    # in the kernel (``fastio.copy_span``) instead of writing the array
+    # in the kernel (``fastio.copy_span``) instead of writing the array. Read it through ``passthrough_span``.
     span: tuple[str, int] | None = field(default=None, compare=False)
+    # the loader the span was declared for: ``dataclasses.replace(entry, loader=...)`` copies ``span`` but not
+    # this identity, so an entry whose loader was swapped (an edit, a cast) never copies the stale source bytes
+    span_owner: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.span is not None and self.span_owner is None:
+            object.__setattr__(self, "span_owner", self.loader)
+
+    @property
+    def passthrough_span(self) -> tuple[str, int] | None:
+        """The source byte range to copy in the kernel, or None when ``load()`` must be called."""
+        return self.span if self.span is not None and self.span_owner is self.loader else None
 
     @property
     def numel(self) -> int:

@@ -184,7 +184,7 @@ def write_safetensors(
                                  f"{entry.dtype}{list(entry.shape)}", key=entry.name)
             checks.put(watch.check, entry.name, array, entry.dtype)
             content = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-            copied = copy_span(handle, *entry.span, len(content)) if entry.span else 0
+            copied = copy_span(handle, *entry.passthrough_span, len(content)) if entry.passthrough_span else 0
             handle.write(content[copied:])
             del array, content
             bar.update(entry.nbytes)

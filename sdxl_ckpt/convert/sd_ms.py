@@ -166,7 +166,8 @@ class _Hasher:
             return array
 
         self.bytes_by_dtype[dtype] += math.prod(entry.shape) * np.dtype(_itemsize_dtype(dtype)).itemsize
-        span = entry.span if transform is None else None  # unchanged bytes can still be copied in the kernel
+        # unchanged bytes can still be copied in the kernel
+        span = entry.passthrough_span if transform is None else None
         return TensorEntry(name, dtype, entry.shape, load, source=entry.source, span=span)
 
     def digest(self) -> str:
