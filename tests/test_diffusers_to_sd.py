@@ -61,24 +61,14 @@ def _count(names, prefix: str) -> int:
 @pytest.mark.parametrize("variant", ["base", "refiner"])
 def test_full_size_configs_map_to_the_mindone_sets(variant):
     """The REAL SDXL structures (full configs on the meta device, no memory) map exactly onto mindone's lists."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+    from sdxl_ckpt.full_model import meta_model
     from sdxl_ckpt.tiny_model import full_configs
 
     names = set()
     for component, config in full_configs(variant).items():
-        with torch.device("meta"):
-            if component == "unet":
-                model = UNet2DConditionModel.from_config(config)
-            elif component == "vae":
-                model = AutoencoderKL.from_config(config)
-            else:
-                cls = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
-                model = cls(CLIPTextConfig(**{k: v for k, v in config.items()
-                                              if k not in ("architectures", "model_type")}))
+        model = meta_model(component, config)
         keys = [("text_model." + k if component == "text_encoder" and not k.startswith("text_model.") else k)
                 for k in model.state_dict()]
         cmap = map_component_keys(component, keys, config, SD_PREFIXES[variant][component])
