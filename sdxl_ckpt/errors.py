@@ -10,6 +10,9 @@ Exit codes (documented in README):
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class SdxlCkptError(Exception):
     """A problem the user can fix; ``str(err)`` is the single line shown to them."""
@@ -42,6 +45,14 @@ class KeyMismatchError(InputError):
 
 class OutputExistsError(InputError):
     """The output exists and ``--overwrite`` was not given; the existing file is left untouched."""
+
+
+def require_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path when it is an existing regular file; otherwise the one-line input error every reader gives."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file" if not path.exists() else "not a file", path=path)
+    return path
 
 
 class OutputWriteError(SdxlCkptError):

@@ -40,6 +40,16 @@ def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in text)])
 
 
+def key_listing(title: str, keys: Sequence[str], shown: int = 20) -> list[str]:
+    """``title (n):`` and the first ``shown`` keys indented, then how many more the JSON report holds; [] if none."""
+    if not keys:
+        return []
+    lines = [f"{title} ({len(keys)}):"] + [f"  {k}" for k in keys[:shown]]
+    if len(keys) > shown:
+        lines.append(f"  ... and {len(keys) - shown} more (see --json)")
+    return lines
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}

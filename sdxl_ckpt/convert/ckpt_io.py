@@ -33,7 +33,7 @@ from sdxl_ckpt.convert.atomic import atomic_output
 from sdxl_ckpt.convert.dtypes import ITEMSIZE, MS_TO_ST, ST_TO_MS, ST_TO_NUMPY
 from sdxl_ckpt.convert.entries import TensorEntry
 from sdxl_ckpt.convert.fastio import Background, copy_span, map_bytes
-from sdxl_ckpt.errors import CorruptFileError, InputError
+from sdxl_ckpt.errors import CorruptFileError, InputError, require_file
 from sdxl_ckpt.manage.values import NonFiniteWatch
 from sdxl_ckpt.progress import byte_bar
 
@@ -383,11 +383,7 @@ def _group(path: Path, records: list[_Record]) -> list[TensorEntry]:
 
 def scan_ckpt(path: str | os.PathLike) -> CkptFile:
     """Find every tensor of a ``.ckpt`` (name, dtype, shape) reading only the framing; bytes load lazily."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("no such file", path=path)
-    if not path.is_file():
-        raise InputError("not a file", path=path)
+    path = require_file(path)
     size = path.stat().st_size
     crc = None
     data_end = size

@@ -24,7 +24,7 @@ from sdxl_ckpt.convert.atomic import atomic_output
 from sdxl_ckpt.convert.dtypes import ITEMSIZE, ST_TO_NUMPY
 from sdxl_ckpt.convert.entries import TensorEntry
 from sdxl_ckpt.convert.fastio import Background, copy_span, map_bytes
-from sdxl_ckpt.errors import CorruptFileError, InputError
+from sdxl_ckpt.errors import CorruptFileError, InputError, require_file
 from sdxl_ckpt.manage.values import NonFiniteWatch
 from sdxl_ckpt.progress import byte_bar
 
@@ -83,11 +83,7 @@ def _check_entry(path: Path, name: str, info: object, data_size: int) -> tuple[s
 
 def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
     """Parse and validate the header of ``path``; no tensor bytes are read."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("no such file", path=path)
-    if not path.is_file():
-        raise InputError("not a file", path=path)
+    path = require_file(path)
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)

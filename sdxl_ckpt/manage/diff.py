@@ -31,7 +31,7 @@ from sdxl_ckpt.manage.components import COMPONENTS, component_of
 from sdxl_ckpt.manage.sources import Checkpoint, open_checkpoint
 from sdxl_ckpt.manage.values import count_nonfinite
 from sdxl_ckpt.progress import byte_bar
-from sdxl_ckpt.report import render_table
+from sdxl_ckpt.report import key_listing, render_table
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # widened values are compared in chunks to bound memory
 SHOWN = 20
@@ -182,15 +182,6 @@ def diff_checkpoints(a: str | Path, b: str | Path, *, keys: str = "auto", quiet:
     }
 
 
-def _listing(title: str, items: list[str]) -> list[str]:
-    if not items:
-        return []
-    lines = [f"{title} ({len(items)}):"] + [f"  {k}" for k in items[:SHOWN]]
-    if len(items) > SHOWN:
-        lines.append(f"  ... and {len(items) - SHOWN} more (see --json)")
-    return lines
-
-
 def _describe(row: Mapping[str, Any]) -> str:
     if row["status"] == "shape":
         return f"shape A {row['a_shape']} {row['a_dtype']}, B {row['b_shape']} {row['b_dtype']}"
@@ -211,8 +202,8 @@ def render_diff(report: dict[str, Any]) -> str:
              f"{report['b']['tensors']} tensors)"]
     lines.append(render_table(report["summary"], ["component", "compared", "identical", "different", "only_in_a",
                                                   "only_in_b", "max_abs", "max_rel"]))
-    lines += _listing("only in A", report["only_in_a"])
-    lines += _listing("only in B", report["only_in_b"])
+    lines += key_listing("only in A", report["only_in_a"], SHOWN)
+    lines += key_listing("only in B", report["only_in_b"], SHOWN)
     diffs = report["differences"]
     if diffs:
         lines.append(f"different tensors ({len(diffs)}):")

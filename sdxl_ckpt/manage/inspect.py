@@ -17,7 +17,7 @@ from sdxl_ckpt.convert.safetensors_io import SafetensorsFile
 from sdxl_ckpt.manage.components import COMPONENTS
 from sdxl_ckpt.manage.hashing import ContentHash, TensorDigest, component_hash, hash_entries, hash_safetensors
 from sdxl_ckpt.manage.sources import Checkpoint, open_checkpoint
-from sdxl_ckpt.report import human_bytes, render_table
+from sdxl_ckpt.report import human_bytes, key_listing, render_table
 
 MODELSPEC_HASH = "modelspec.hash_sha256"
 SHOWN_VALUE_CHARS = 100
@@ -142,14 +142,8 @@ def render_inspect(report: dict[str, Any]) -> str:
             shown["sha256"] = row["sha256"]
         rows.append(shown)
     lines.append(render_table(rows, columns + (["sha256"] if any("sha256" in r for r in rows) else [])))
-    unknown = report["unknown_keys"]
-    if unknown:
-        lines.append(f"keys in no known component ({len(unknown)}):")
-        lines += [f"  {k}" for k in unknown[:SHOWN_KEYS]]
-        if len(unknown) > SHOWN_KEYS:
-            lines.append(f"  ... and {len(unknown) - SHOWN_KEYS} more (see --json)")
-    else:
-        lines.append("keys in no known component: none")
+    lines += (key_listing("keys in no known component", report["unknown_keys"], SHOWN_KEYS)
+              or ["keys in no known component: none"])
     metadata = report["metadata"]
     lines.append(f"metadata ({len(metadata)} keys)" + (":" if metadata else ""))
     lines += [f"  {k}: {_short(v)}" for k, v in metadata.items()]

@@ -25,7 +25,7 @@ from mindspore import Tensor
 
 from sdxl_ckpt.convert.dtypes import FLOAT_DTYPES, to_float32
 from sdxl_ckpt.convert.entries import TensorEntry
-from sdxl_ckpt.errors import InputError, KeyMismatchError
+from sdxl_ckpt.errors import KeyMismatchError, require_file
 from sdxl_ckpt.progress import byte_bar
 from sdxl_ckpt.sdxl_runtime.model import SDXLNet, component_of
 
@@ -58,9 +58,7 @@ def _is_safetensors(path: Path) -> bool:
 
 def read_entries(path: str | os.PathLike) -> tuple[list[TensorEntry], dict[str, str]]:
     """Lazy entries (+ metadata, empty for a .ckpt) of a MindSpore-named checkpoint; no tensor bytes read."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("no such file" if not path.exists() else "not a file", path=path)
+    path = require_file(path)
     if _is_safetensors(path):
         from sdxl_ckpt.convert.safetensors_io import read_safetensors
 
