@@ -38,8 +38,10 @@ def check_free_space(root: Path, need: int, what: str) -> None:
     """Refuse to start a full-size step that would fill the disk (and disturb everything else on it)."""
     free = shutil.disk_usage(root).free
     if free < need:
-        raise InputBuildError(f"{what} needs about {need / 1e9:.0f} GB free in {root}, only {free / 1e9:.1f} GB "
-                              "are: pass --workdir on a bigger disk")
+        raise InputBuildError(
+            f"{what} needs about {need / 1e9:.0f} GB free in {root}, only {free / 1e9:.1f} GB "
+            "are: pass --workdir on a bigger disk"
+        )
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Inputs:
 
     @property
     def variant(self) -> str | None:
-        """"fp16" when the folder has fp16 variant weight files (the bench's own inputs always do)."""
+        """ "fp16" when the folder has fp16 variant weight files (the bench's own inputs always do)."""
         fp16 = [p for c in WEIGHT_COMPONENTS for p in (self.diffusers / c).glob("*.fp16*.safetensors")]
         return "fp16" if fp16 else None
 
@@ -91,8 +93,9 @@ def _manifest_ok(inputs: Inputs, manifest: dict) -> bool:
     """Reuse only when every recorded file is still there with its recorded size."""
     try:
         sizes = manifest["sizes"]
-        return (Path(manifest["diffusers"]) == inputs.diffusers
-                and all(Path(p).is_file() and Path(p).stat().st_size == n for p, n in sizes.items()))
+        return Path(manifest["diffusers"]) == inputs.diffusers and all(
+            Path(p).is_file() and Path(p).stat().st_size == n for p, n in sizes.items()
+        )
     except (KeyError, TypeError, OSError):
         return False
 
@@ -134,10 +137,20 @@ def ensure_inputs(scale: str, workdir: Path, diffusers_src: Path | None = None, 
     log(f"[bench] st-to-ms --dtype keep -> {inputs.ckpt}")
     _run(commands.st_to_ms(inputs.sd, inputs.ckpt, "keep"), "st-to-ms (making the ckpt input)")
     sizes = {str(p): p.stat().st_size for p in [*inputs.weight_files(), inputs.sd, inputs.ckpt]}
-    manifest_path.write_text(json.dumps({
-        "scale": scale, "diffusers": str(diffusers), "generated": diffusers_src is None,
-        "sizes": sizes, "python": sys.executable, "created": time.time(),
-    }, indent=2) + "\n")
+    manifest_path.write_text(
+        json.dumps(
+            {
+                "scale": scale,
+                "diffusers": str(diffusers),
+                "generated": diffusers_src is None,
+                "sizes": sizes,
+                "python": sys.executable,
+                "created": time.time(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return inputs
 
 

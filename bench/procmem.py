@@ -49,7 +49,7 @@ def _parent_map() -> dict[int, int]:
         except OSError:
             continue
         # the command name may contain spaces and parentheses: fields start after the last ')'
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 1:
             parents[int(name)] = int(fields[1])
     return parents
@@ -125,8 +125,9 @@ def run_measured(
     out_log, err_log = log_dir / "stdout.log", log_dir / "stderr.log"
     with open(out_log, "wb") as out, open(err_log, "wb") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True
+        )
     try:
         Path(f"/proc/{proc.pid}/oom_score_adj").write_text("1000")
     except OSError:

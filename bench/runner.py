@@ -70,11 +70,13 @@ def run_once(case: Case, inputs: Inputs, cfg: Config, rep: int) -> dict:
     argv = case.argv(inputs, out)
     resident = pagecache.prepare(inputs.files(case.reads), cfg.cache)
     load_before = os.getloadavg()[0]
-    m = run_measured(argv, log_dir=inputs.root / "logs" / f"{case.key}.{rep}", interval=cfg.interval,
-                     cap_bytes=_cap(cfg))
+    m = run_measured(
+        argv, log_dir=inputs.root / "logs" / f"{case.key}.{rep}", interval=cfg.interval, cap_bytes=_cap(cfg)
+    )
     record = m.as_dict()
-    record.update(rep=rep, resident_fraction=resident, load_before=load_before,
-                  output_bytes=_path_size(out) if m.ok else None)
+    record.update(
+        rep=rep, resident_fraction=resident, load_before=load_before, output_bytes=_path_size(out) if m.ok else None
+    )
     _clear(out_dir)
     return record
 
@@ -96,16 +98,24 @@ def summarize(case: Case, runs: list[dict], input_bytes: int) -> dict:
     else:
         status = "failed"
     return {
-        "key": case.key, "title": case.title, "kind": case.kind, "reads": case.reads, "reference": case.reference,
-        "input_bytes": input_bytes, "status": status, "runs_ok": len(ok), "runs": runs,
-        "wall_median": _median(walls), "wall_min": min(walls, default=None), "wall_max": max(walls, default=None),
+        "key": case.key,
+        "title": case.title,
+        "kind": case.kind,
+        "reads": case.reads,
+        "reference": case.reference,
+        "input_bytes": input_bytes,
+        "status": status,
+        "runs_ok": len(ok),
+        "runs": runs,
+        "wall_median": _median(walls),
+        "wall_min": min(walls, default=None),
+        "wall_max": max(walls, default=None),
         # memory peaks over ALL runs: a run killed at the cap still shows how far it got
         "peak_anon": max((r["peak_anon"] for r in runs), default=None),
         "peak_file": max((r["peak_file"] for r in runs), default=None),
         "peak_rss": max(peak, default=None),
         "output_bytes": next((r["output_bytes"] for r in ok if r["output_bytes"] is not None), None),
-        "resident_min": min((r["resident_fraction"] for r in runs if r["resident_fraction"] is not None),
-                            default=None),
+        "resident_min": min((r["resident_fraction"] for r in runs if r["resident_fraction"] is not None), default=None),
         "cap_bytes": min((r["cap_bytes"] for r in runs if r["cap_bytes"]), default=None),
         "error": next((r["stderr_tail"] for r in runs if not r["ok"] and r["stderr_tail"]), None),
     }
@@ -146,22 +156,27 @@ def run_scale(scale: str, cases: list[Case], cfg: Config) -> dict:
         for case in available:
             record = run_once(case, inputs, cfg, rep)
             runs[case.key].append(record)
-            state = "ok" if record["ok"] else ("exceeded cap" if record["exceeded_cap"]
-                                              else f"exit {record['returncode']}")
-            _log(f"[bench] {scale:5s} {case.key:16s} run {rep + 1}/{cfg.repeat}: {record['wall_s']:8.2f} s  "
-                 f"peak {max(record['peak_total'], record['peak_hwm']) / 2**20:8.1f} MiB  {state}")
+            state = (
+                "ok" if record["ok"] else ("exceeded cap" if record["exceeded_cap"] else f"exit {record['returncode']}")
+            )
+            _log(
+                f"[bench] {scale:5s} {case.key:16s} run {rep + 1}/{cfg.repeat}: {record['wall_s']:8.2f} s  "
+                f"peak {max(record['peak_total'], record['peak_hwm']) / 2**20:8.1f} MiB  {state}"
+            )
     summaries = {c.key: summarize(c, runs[c.key], inputs.size(c.reads)) for c in cases}
     for c in cases:
         if c not in available:
             summaries[c.key]["status"] = f"unavailable (no `sdxl-ckpt {c.needs}`)"
     add_ratios(summaries)
-    from sdxl_ckpt.convert.safetensors_io import read_safetensors
+    from sdxl_ckpt.formats.safetensors_io import read_safetensors
 
     largest = max(read_safetensors(inputs.sd).entries, key=lambda e: e.nbytes)
     return {
         "largest_tensor": {"name": largest.name, "bytes": largest.nbytes, "dtype": largest.dtype},
-        "inputs": {kind: {"files": [str(p) for p in inputs.files(kind)], "bytes": inputs.size(kind)}
-                   for kind in ("diffusers", "sd", "ckpt")},
+        "inputs": {
+            kind: {"files": [str(p) for p in inputs.files(kind)], "bytes": inputs.size(kind)}
+            for kind in ("diffusers", "sd", "ckpt")
+        },
         "elapsed_s": time.time() - started,
         "cases": summaries,
     }
@@ -180,14 +195,28 @@ def evaluate_targets(scales: dict[str, dict]) -> list[dict]:
         case = by_key[key]
         if case.target_ratio is not None:
             value = s.get("ratio_to_copy")
-            results.append({"scale": scale, "case": key, "what": f"wall <= {case.target_ratio}x plain copy",
-                            "value": value, "limit": case.target_ratio,
-                            "met": None if value is None or scale != "full" else value <= case.target_ratio})
+            results.append(
+                {
+                    "scale": scale,
+                    "case": key,
+                    "what": f"wall <= {case.target_ratio}x plain copy",
+                    "value": value,
+                    "limit": case.target_ratio,
+                    "met": None if value is None or scale != "full" else value <= case.target_ratio,
+                }
+            )
         if case.target_rss is not None:
             value = s.get("peak_rss") if s["status"] == "ok" else None
-            results.append({"scale": scale, "case": key, "what": f"peak RSS < {case.target_rss / 1e9:g} GB",
-                            "value": value, "limit": case.target_rss,
-                            "met": None if value is None or scale != "full" else value < case.target_rss})
+            results.append(
+                {
+                    "scale": scale,
+                    "case": key,
+                    "what": f"peak RSS < {case.target_rss / 1e9:g} GB",
+                    "value": value,
+                    "limit": case.target_rss,
+                    "met": None if value is None or scale != "full" else value < case.target_rss,
+                }
+            )
     return results
 
 
@@ -200,9 +229,16 @@ def run(cases: list[Case], cfg: Config) -> dict:
     return {
         "machine": machine,
         "load_avg_end": list(os.getloadavg()),
-        "config": {"scales": cfg.scales, "repeat": cfg.repeat, "cache": cfg.cache, "interval_s": cfg.interval,
-                   "cap_fraction": cfg.cap_fraction, "cap_bytes": cfg.cap_bytes, "workdir": str(cfg.workdir),
-                   "cli": list(commands.cli())},
+        "config": {
+            "scales": cfg.scales,
+            "repeat": cfg.repeat,
+            "cache": cfg.cache,
+            "interval_s": cfg.interval,
+            "cap_fraction": cfg.cap_fraction,
+            "cap_bytes": cfg.cap_bytes,
+            "workdir": str(cfg.workdir),
+            "cli": list(commands.cli()),
+        },
         "scales": scales,
         "targets": evaluate_targets(scales),
     }

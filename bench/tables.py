@@ -10,8 +10,21 @@ from pathlib import Path
 
 from sdxl_ckpt.report import write_json
 
-TABLE_COLUMNS = ("scale", "case", "status", "runs", "wall median", "min", "max", "x copy",
-                 "peak RssAnon", "peak RssFile", "peak RSS", "output", "input cached")
+TABLE_COLUMNS = (
+    "scale",
+    "case",
+    "status",
+    "runs",
+    "wall median",
+    "min",
+    "max",
+    "x copy",
+    "peak RssAnon",
+    "peak RssFile",
+    "peak RSS",
+    "output",
+    "input cached",
+)
 
 
 def mb(n: int | float | None) -> str:
@@ -52,10 +65,23 @@ def results_rows(results: dict) -> list[list[str]]:
         for s in data["cases"].values():
             runs = f"{s['runs_ok']}/{len(s['runs'])}"
             at_least = ">= " if s["status"] == "exceeded memory cap" else ""
-            rows.append([scale, s["title"], s["status"], runs, secs(s["wall_median"]), secs(s["wall_min"]),
-                         secs(s["wall_max"]), ratio(s.get("ratio_to_copy")), at_least + mb(s["peak_anon"]),
-                         mb(s["peak_file"]), at_least + mb(s["peak_rss"]), gb(s["output_bytes"]),
-                         pct(s["resident_min"])])
+            rows.append(
+                [
+                    scale,
+                    s["title"],
+                    s["status"],
+                    runs,
+                    secs(s["wall_median"]),
+                    secs(s["wall_min"]),
+                    secs(s["wall_max"]),
+                    ratio(s.get("ratio_to_copy")),
+                    at_least + mb(s["peak_anon"]),
+                    mb(s["peak_file"]),
+                    at_least + mb(s["peak_rss"]),
+                    gb(s["output_bytes"]),
+                    pct(s["resident_min"]),
+                ]
+            )
     return rows
 
 
@@ -71,11 +97,20 @@ def flat_rows(results: dict) -> list[list[str]]:
         if full["kind"] == "copy" or tiny is None or full["peak_rss"] is None or not tiny["peak_rss"]:
             continue
         at_least = ">= " if full["status"] == "exceeded memory cap" else ""  # killed: the true peak is higher
-        rows.append([full["title"], gb(tiny["input_bytes"]), mb(tiny["peak_anon"]), mb(tiny["peak_rss"]),
-                     gb(full["input_bytes"]), at_least + mb(full["peak_anon"]), at_least + mb(full["peak_rss"]),
-                     f"{full['input_bytes'] / tiny['input_bytes']:.0f}x",
-                     at_least + ratio(full["peak_rss"] / tiny["peak_rss"]),
-                     f"{mb(big['tiny'])} / {mb(big['full'])}"])
+        rows.append(
+            [
+                full["title"],
+                gb(tiny["input_bytes"]),
+                mb(tiny["peak_anon"]),
+                mb(tiny["peak_rss"]),
+                gb(full["input_bytes"]),
+                at_least + mb(full["peak_anon"]),
+                at_least + mb(full["peak_rss"]),
+                f"{full['input_bytes'] / tiny['input_bytes']:.0f}x",
+                at_least + ratio(full["peak_rss"] / tiny["peak_rss"]),
+                f"{mb(big['tiny'])} / {mb(big['full'])}",
+            ]
+        )
     return rows
 
 
@@ -118,9 +153,11 @@ def _note(scale: str, s: dict) -> str:
     text = f"- {s['title']} ({scale}): {s['status']}"
     if s["status"] == "exceeded memory cap":
         killed = [r for r in s["runs"] if r["exceeded_cap"]]
-        text += (f" in {len(killed)} of {len(s['runs'])} runs: killed by the bench when its RSS passed the "
-                 f"memory cap of {gb(s['cap_bytes'])}, after {secs(killed[0]['wall_s'])}: it needs more RAM "
-                 "than this machine had free")
+        text += (
+            f" in {len(killed)} of {len(s['runs'])} runs: killed by the bench when its RSS passed the "
+            f"memory cap of {gb(s['cap_bytes'])}, after {secs(killed[0]['wall_s'])}: it needs more RAM "
+            "than this machine had free"
+        )
     elif s["error"]:
         text += ": " + s["error"].strip().splitlines()[-1]
     return text
@@ -128,21 +165,52 @@ def _note(scale: str, s: dict) -> str:
 
 def render_markdown(results: dict) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(results.get("finished", time.time())))
-    lines = [f"# sdxl-ckpt bench results ({when})", "", "## Machine", "", *machine_lines(results), "",
-             "## Results", "", *_table(TABLE_COLUMNS, results_rows(results)), ""]
+    lines = [
+        f"# sdxl-ckpt bench results ({when})",
+        "",
+        "## Machine",
+        "",
+        *machine_lines(results),
+        "",
+        "## Results",
+        "",
+        *_table(TABLE_COLUMNS, results_rows(results)),
+        "",
+    ]
     flat = flat_rows(results)
     if flat:
-        lines += ["## Memory as the model grows (tiny vs full)", "",
-                  *_table(("case", "tiny input", "tiny RssAnon", "tiny peak RSS", "full input", "full RssAnon",
-                           "full peak RSS", "input grows", "peak RSS grows", "largest tensor tiny / full"), flat),
-                  "",
-                  "A streaming converter holds about one tensor at a time (plus its cast copy): its peak follows the "
-                  "largest tensor, not the model; the baseline's follows the model.", ""]
+        lines += [
+            "## Memory as the model grows (tiny vs full)",
+            "",
+            *_table(
+                (
+                    "case",
+                    "tiny input",
+                    "tiny RssAnon",
+                    "tiny peak RSS",
+                    "full input",
+                    "full RssAnon",
+                    "full peak RSS",
+                    "input grows",
+                    "peak RSS grows",
+                    "largest tensor tiny / full",
+                ),
+                flat,
+            ),
+            "",
+            "A streaming converter holds about one tensor at a time (plus its cast copy): its peak follows the "
+            "largest tensor, not the model; the baseline's follows the model.",
+            "",
+        ]
     targets = target_rows(results)
     if targets:
         lines += ["## Targets", "", *_table(("case", "target", "measured", "limit", "met"), targets), ""]
-    notes = [_note(scale, s) for scale, data in results["scales"].items() for s in data["cases"].values()
-             if s["status"] != "ok"]
+    notes = [
+        _note(scale, s)
+        for scale, data in results["scales"].items()
+        for s in data["cases"].values()
+        if s["status"] != "ok"
+    ]
     if notes:
         lines += ["## Notes", "", *notes, ""]
     return "\n".join(lines)

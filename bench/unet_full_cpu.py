@@ -55,11 +55,13 @@ def inputs(scale: dict[str, Any], context_dim: int, pooled_dim: int) -> dict[str
     """x, t, context, pooled text embedding and SDXL's six size/crop ids (1024x1024, no crop)."""
     rng = np.random.default_rng(2024)
     size = scale["latent"]
-    return {"x": rng.standard_normal((1, 4, size, size)).astype(np.float32),
-            "t": np.array([scale["timestep"]], dtype=np.float32),
-            "context": rng.standard_normal((1, 77, context_dim)).astype(np.float32),
-            "pooled": rng.standard_normal((1, pooled_dim)).astype(np.float32),
-            "time_ids": np.array([[1024, 1024, 0, 0, 1024, 1024]], dtype=np.float32)}
+    return {
+        "x": rng.standard_normal((1, 4, size, size)).astype(np.float32),
+        "t": np.array([scale["timestep"]], dtype=np.float32),
+        "context": rng.standard_normal((1, 77, context_dim)).astype(np.float32),
+        "pooled": rng.standard_normal((1, pooled_dim)).astype(np.float32),
+        "time_ids": np.array([[1024, 1024, 0, 0, 1024, 1024]], dtype=np.float32),
+    }
 
 
 def _pooled_dim(config: dict[str, Any]) -> int:
@@ -67,7 +69,8 @@ def _pooled_dim(config: dict[str, Any]) -> int:
 
 
 def _unet_config(tiny: bool) -> dict[str, Any]:
-    from sdxl_ckpt.tiny_model import full_configs, tiny_configs
+    from sdxl_ckpt.sdxl.configs import full_configs
+    from sdxl_ckpt.testmodels.tiny import tiny_configs
 
     return (tiny_configs if tiny else full_configs)("base")["unet"]
 
@@ -125,17 +128,30 @@ def run_diffusers(tiny: bool, repeat: int) -> dict[str, Any]:
             params[source].copy_(torch.from_numpy(weight_values(ms_name, tuple(params[source].shape))))
     t2 = time.perf_counter()
     data = inputs(TINY if tiny else FULL, config["cross_attention_dim"], _pooled_dim(config))
-    kwargs = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(data["pooled"]),
-                                    "time_ids": torch.from_numpy(data["time_ids"])}}
+    kwargs = {
+        "added_cond_kwargs": {
+            "text_embeds": torch.from_numpy(data["pooled"]),
+            "time_ids": torch.from_numpy(data["time_ids"]),
+        }
+    }
     times = []
     with torch.no_grad():
         for _ in range(repeat):
             start = time.perf_counter()
-            out = unet(torch.from_numpy(data["x"]), torch.from_numpy(data["t"]),
-                       encoder_hidden_states=torch.from_numpy(data["context"]), **kwargs).sample.numpy()
+            out = unet(
+                torch.from_numpy(data["x"]),
+                torch.from_numpy(data["t"]),
+                encoder_hidden_states=torch.from_numpy(data["context"]),
+                **kwargs,
+            ).sample.numpy()
             times.append(time.perf_counter() - start)
-    return {"build_s": t1 - t0, "fill_s": t2 - t1, "eval_s": times, "out": out, "torch_threads":
-            torch.get_num_threads()}
+    return {
+        "build_s": t1 - t0,
+        "fill_s": t2 - t1,
+        "eval_s": times,
+        "out": out,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def child(side: str, tiny: bool, repeat: int, out_dir: Path) -> None:
@@ -146,12 +162,16 @@ def child(side: str, tiny: bool, repeat: int, out_dir: Path) -> None:
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    gib = 1024 ** 3
-    lines = [f"# One SDXL base UNet evaluation on CPU ({report['scale']})", "",
-             f"Batch 1, fp32, {report['latent']}x{report['latent']} latent, timestep {report['timestep']}, "
-             "random weights (identical on both sides). Each side in its own process; peak = the kernel's VmHWM.",
-             "", "| side | build s | fill weights s | evaluation s | peak RSS GiB | load avg before / after |",
-             "|---|---|---|---|---|---|"]
+    gib = 1024**3
+    lines = [
+        f"# One SDXL base UNet evaluation on CPU ({report['scale']})",
+        "",
+        f"Batch 1, fp32, {report['latent']}x{report['latent']} latent, timestep {report['timestep']}, "
+        "random weights (identical on both sides). Each side in its own process; peak = the kernel's VmHWM.",
+        "",
+        "| side | build s | fill weights s | evaluation s | peak RSS GiB | load avg before / after |",
+        "|---|---|---|---|---|---|",
+    ]
     for side in ("ours", "diffusers"):
         r = report["sides"].get(side)
         if r is None:
@@ -160,16 +180,22 @@ def _markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {side} | failed: {r.get('error', '')[:80]} | | | | |")
             continue
         evals = ", ".join(f"{t:.1f}" for t in r["eval_s"])
-        lines.append(f"| {side} ({r['framework']}) | {r['build_s']:.1f} | {r['fill_s']:.1f} | {evals} | "
-                     f"{r['peak_hwm_bytes'] / gib:.2f} | {r['load_before'][0]} / {r['load_after'][0]} |")
+        lines.append(
+            f"| {side} ({r['framework']}) | {r['build_s']:.1f} | {r['fill_s']:.1f} | {evals} | "
+            f"{r['peak_hwm_bytes'] / gib:.2f} | {r['load_before'][0]} / {r['load_after'][0]} |"
+        )
     m = report["machine"]
-    lines += ["", f"Agreement of the two outputs: relative L2 {report.get('rel_l2', 'n/a')}.", "",
-              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram'] / gib:.1f} GiB RAM; load average before "
-              f"the runs {report['load_before']}. MindSpore {m['versions'].get('mindspore')}, torch "
-              f"{report.get('torch')}, diffusers {report.get('diffusers')}.",
-              "The first evaluation includes each framework's warm-up. Our CPU convolutions run as im2col + MatMul "
-              "(MindSpore's CPU Conv2D kernel is ~0.2 GFLOP/s) and kernels launch synchronously "
-              "(mindspore.runtime.launch_blocking). The machine is shared (2 cores): compare with the load columns."]
+    lines += [
+        "",
+        f"Agreement of the two outputs: relative L2 {report.get('rel_l2', 'n/a')}.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram'] / gib:.1f} GiB RAM; load average before "
+        f"the runs {report['load_before']}. MindSpore {m['versions'].get('mindspore')}, torch "
+        f"{report.get('torch')}, diffusers {report.get('diffusers')}.",
+        "The first evaluation includes each framework's warm-up. Our CPU convolutions run as im2col + MatMul "
+        "(MindSpore's CPU Conv2D kernel is ~0.2 GFLOP/s) and kernels launch synchronously "
+        "(mindspore.runtime.launch_blocking). The machine is shared (2 cores): compare with the load columns.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -182,24 +208,44 @@ def parent(tiny: bool, repeat: int, sides: list[str], force: bool) -> int:
     scale = TINY if tiny else FULL
     work = HERE / "work" / ("unet_tiny" if tiny else "unet_full")
     work.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"scale": "tiny SDXL-shaped UNet" if tiny else "full-size SDXL base UNet",
-                              "latent": scale["latent"], "timestep": scale["timestep"], "repeat": repeat,
-                              "machine": describe(work), "load_before": [round(v, 2) for v in os.getloadavg()],
-                              "torch": metadata.version("torch"), "diffusers": metadata.version("diffusers"),
-                              "sides": {}}
+    report: dict[str, Any] = {
+        "scale": "tiny SDXL-shaped UNet" if tiny else "full-size SDXL base UNet",
+        "latent": scale["latent"],
+        "timestep": scale["timestep"],
+        "repeat": repeat,
+        "machine": describe(work),
+        "load_before": [round(v, 2) for v in os.getloadavg()],
+        "torch": metadata.version("torch"),
+        "diffusers": metadata.version("diffusers"),
+        "sides": {},
+    }
     for side in sides:
         free = mem_available() or 0
-        if free < scale["need_gb"] * 1024 ** 3 and not force:
-            report["sides"][side] = {"ok": False, "error": f"only {free / 1024 ** 3:.1f} GiB available"}
+        if free < scale["need_gb"] * 1024**3 and not force:
+            report["sides"][side] = {"ok": False, "error": f"only {free / 1024**3:.1f} GiB available"}
             continue
-        argv = [sys.executable, "-m", "bench.unet_full_cpu", "--child", side, "--repeat", str(repeat),
-                "--work", str(work)] + (["--tiny"] if tiny else [])
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.unet_full_cpu",
+            "--child",
+            side,
+            "--repeat",
+            str(repeat),
+            "--work",
+            str(work),
+        ] + (["--tiny"] if tiny else [])
         load = [round(v, 2) for v in os.getloadavg()]
-        m = run_measured(argv, log_dir=work / side, cap_bytes=20 * 1024 ** 3, cwd=HERE.parent)
-        entry: dict[str, Any] = {"ok": m.ok, "load_before": load, "load_after": [round(v, 2) for v in os.getloadavg()],
-                                 "wall_s": m.wall_s, "peak_hwm_bytes": m.peak_hwm,
-                                 "peak_total_bytes": m.peak_total, "framework": "MindSpore" if side == "ours"
-                                 else "PyTorch/diffusers"}
+        m = run_measured(argv, log_dir=work / side, cap_bytes=20 * 1024**3, cwd=HERE.parent)
+        entry: dict[str, Any] = {
+            "ok": m.ok,
+            "load_before": load,
+            "load_after": [round(v, 2) for v in os.getloadavg()],
+            "wall_s": m.wall_s,
+            "peak_hwm_bytes": m.peak_hwm,
+            "peak_total_bytes": m.peak_total,
+            "framework": "MindSpore" if side == "ours" else "PyTorch/diffusers",
+        }
         if m.ok:
             entry.update(json.loads((work / f"{side}.json").read_text()))
         else:

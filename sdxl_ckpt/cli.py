@@ -48,7 +48,7 @@ def _root() -> None:
 
 # Commands are added below, one section per job; keep each body a short composition of library calls.
 
-# --- tiny-model (issue 3) ---
+# --- tiny-model ---
 
 
 @app.command("tiny-model")
@@ -58,24 +58,27 @@ def tiny_model_cmd(
     seed: int = typer.Option(0, "--seed", help="Same seed -> byte-identical weights."),
     cond_proj: bool = typer.Option(False, "--cond-proj", help="lcm: give the LCM UNet a guidance embedding."),
     fp16_variant: Optional[bool] = typer.Option(  # noqa: UP045 - Typer-friendly annotation
-        None, "--fp16-variant/--no-fp16-variant",
-        help="fp16 weights as *.fp16.safetensors (default: off for tiny, on for --full)."),
+        None,
+        "--fp16-variant/--no-fp16-variant",
+        help="fp16 weights as *.fp16.safetensors (default: off for tiny, on for --full).",
+    ),
     full: bool = typer.Option(False, "--full", help="Real SDXL shapes, random data, streamed (fp16: ~7 GB base)."),
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ) -> int:
     """Write a random SDXL-shaped diffusers folder (tiny widths, or real shapes with --full), offline."""
-    from sdxl_ckpt.tiny_model import build_model_cli
+    from sdxl_ckpt.testmodels.tiny import build_model_cli
 
     fp16 = full if fp16_variant is None else fp16_variant
-    path = build_model_cli(variant, output, seed=seed, cond_proj=cond_proj, variant_fp16=fp16, full=full,
-                           overwrite=overwrite, quiet=quiet)
+    path = build_model_cli(
+        variant, output, seed=seed, cond_proj=cond_proj, variant_fp16=fp16, full=full, overwrite=overwrite, quiet=quiet
+    )
     if not quiet:
         print(f"wrote {path}")
     return 0
 
 
-# --- diffusers-to-sd (issue 3) ---
+# --- diffusers-to-sd ---
 
 
 @app.command("diffusers-to-sd")
@@ -85,8 +88,12 @@ def diffusers_to_sd_cmd(
     unet: Optional[str] = typer.Option(None, "--unet", help="Take the UNet from this folder (e.g. an LCM UNet)."),  # noqa: UP045
     vae: Optional[str] = typer.Option(None, "--vae", help="Take the VAE from this folder."),  # noqa: UP045
     variant: Optional[str] = typer.Option(None, "--variant", help="Read *.VARIANT.safetensors weights (e.g. fp16)."),  # noqa: UP045
-    dtype: str = typer.Option("keep", "--dtype", help="keep | fp16 | fp32 | bf16: cast floating tensors only "
-                              "(integer tensors such as position_ids never change)."),
+    dtype: str = typer.Option(
+        "keep",
+        "--dtype",
+        help="keep | fp16 | fp32 | bf16: cast floating tensors only "
+        "(integer tensors such as position_ids never change).",
+    ),
     lcm: bool = typer.Option(False, "--lcm", help="Mark the output as LCM (the UNet is a distilled LCM UNet)."),
     overwrite: bool = OVERWRITE,
     json_out: Optional[str] = JSON_OUT,  # noqa: UP045
@@ -96,16 +103,24 @@ def diffusers_to_sd_cmd(
     from sdxl_ckpt.convert.diffusers_to_sd import convert_diffusers_to_sd, render_report
     from sdxl_ckpt.report import write_json
 
-    report = convert_diffusers_to_sd(src_dir, output, unet_dir=unet, vae_dir=vae, variant=variant,
-                                     dtype=None if dtype == "keep" else dtype, lcm=lcm, overwrite=overwrite,
-                                     quiet=quiet)
+    report = convert_diffusers_to_sd(
+        src_dir,
+        output,
+        unet_dir=unet,
+        vae_dir=vae,
+        variant=variant,
+        dtype=None if dtype == "keep" else dtype,
+        lcm=lcm,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
     if json_out != "-":
         print(render_report(report))
     write_json(report, json_out)
     return 0
 
 
-# --- keymaps, st-to-ms, ms-to-st (issue 4) ---
+# --- keymaps, st-to-ms, ms-to-st ---
 
 KEYS = typer.Option("auto", "--keys", help="auto | base | refiner | lcm (auto: from sentinel keys and metadata).")
 
@@ -127,8 +142,17 @@ def st_to_ms_cmd(
     from sdxl_ckpt.convert.sd_ms import render_report, st_to_ms
     from sdxl_ckpt.report import write_json
 
-    report = st_to_ms(src, output, keys=keys, dtype=dtype, fmt=fmt, overwrite=overwrite, quiet=quiet,
-                      key_torch=key_torch, key_ms=key_ms)
+    report = st_to_ms(
+        src,
+        output,
+        keys=keys,
+        dtype=dtype,
+        fmt=fmt,
+        overwrite=overwrite,
+        quiet=quiet,
+        key_torch=key_torch,
+        key_ms=key_ms,
+    )
     if json_out != "-":
         print(render_report(report))
     write_json(report, json_out)
@@ -174,7 +198,7 @@ def keymaps_export_cmd(
     return 0
 
 
-# --- reference, verify, demo (issue 6) ---
+# --- reference, verify, demo ---
 
 SAMPLER = typer.Option("euler", "--sampler", help="euler | dpmpp_2m | lcm (each against its diffusers scheduler).")
 GEN_STEPS = typer.Option(4, "--steps", help="Number of inference steps (refiner: of the full schedule).")
@@ -185,10 +209,30 @@ GEN_UNET = typer.Option(None, "--unet", help="A diffusers UNet folder replacing 
 GEN_CONFIG = typer.Option(None, "--config", help="SD file: a diffusers folder to take configs/tokenizers from.")
 
 
-def _generation(prompt: str, negative_prompt: str | None, steps: int, height: int | None, width: int | None,
-                seed: int, guidance: float, strength: float, unet: str | None, config: str | None) -> dict:
-    return {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "height": height, "width": width,
-            "seed": seed, "guidance": guidance, "strength": strength, "unet": unet, "config_dir": config}
+def _generation(
+    prompt: str,
+    negative_prompt: str | None,
+    steps: int,
+    height: int | None,
+    width: int | None,
+    seed: int,
+    guidance: float,
+    strength: float,
+    unet: str | None,
+    config: str | None,
+) -> dict:
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "steps": steps,
+        "height": height,
+        "width": width,
+        "seed": seed,
+        "guidance": guidance,
+        "strength": strength,
+        "unet": unet,
+        "config_dir": config,
+    }
 
 
 @app.command("reference")
@@ -211,11 +255,17 @@ def reference_cmd(
     quiet: bool = QUIET,
 ) -> int:
     """Run diffusers' SDXL pipeline (torch) on SRC and store every stage verify compares (needs the reference extra)."""
-    from sdxl_ckpt.verify.commands import reference_command
+    from sdxl_ckpt.proof_commands import reference_command
 
-    return reference_command(src, output, json_out=json_out, quiet=quiet, overwrite=overwrite, sampler=sampler,
-                             **_generation(prompt, negative_prompt, steps, height, width, seed, guidance, strength,
-                                           unet, config))
+    return reference_command(
+        src,
+        output,
+        json_out=json_out,
+        quiet=quiet,
+        overwrite=overwrite,
+        sampler=sampler,
+        **_generation(prompt, negative_prompt, steps, height, width, seed, guidance, strength, unet, config),
+    )
 
 
 @app.command("verify")
@@ -226,7 +276,9 @@ def verify_cmd(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Must match the reference's (default: its own)."),  # noqa: UP045
     device: str = typer.Option("CPU", "--device", help="CPU | GPU | Ascend."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16 (default tolerances per dtype)."),
-    rtol_override: Optional[list[str]] = typer.Option(None, "--rtol-override", help="STAGE=VALUE, repeatable; STAGE a name or group (step, image_levels)."),  # noqa: UP045, E501
+    rtol_override: list[str] | None = typer.Option(
+        None, "--rtol-override", help="STAGE=VALUE, repeatable; STAGE a name or group (step, image_levels)."
+    ),  # noqa: UP045, E501
     save_reference: Optional[str] = typer.Option(None, "--save-reference", help="--source: also write REF.npz here."),  # noqa: UP045, E501
     prompt: str = typer.Option("a photograph of an astronaut riding a horse", "--prompt", help="--source only."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="--source only."),  # noqa: UP045
@@ -243,13 +295,22 @@ def verify_cmd(
     quiet: bool = QUIET,
 ) -> int:
     """Compare the MindSpore runtime with the reference stage by stage; exit 1 naming the first failing stage."""
-    from sdxl_ckpt.verify.commands import verify_command
+    from sdxl_ckpt.proof_commands import verify_command
 
-    return verify_command(ckpt, reference=reference, source=source, sampler=sampler, device=device, dtype=dtype,
-                          rtol_override=rtol_override, json_out=json_out, quiet=quiet, save_reference=save_reference,
-                          fail_fast=fail_fast,
-                          **_generation(prompt, negative_prompt, steps, height, width, seed, guidance, strength,
-                                        unet, config))
+    return verify_command(
+        ckpt,
+        reference=reference,
+        source=source,
+        sampler=sampler,
+        device=device,
+        dtype=dtype,
+        rtol_override=rtol_override,
+        json_out=json_out,
+        quiet=quiet,
+        save_reference=save_reference,
+        fail_fast=fail_fast,
+        **_generation(prompt, negative_prompt, steps, height, width, seed, guidance, strength, unet, config),
+    )
 
 
 @app.command("demo")
@@ -264,14 +325,17 @@ def demo_cmd(
     return run_demo(variant, workdir, quiet=quiet)
 
 
-# --- inspect, diff, hash (issue 8) ---
+# --- inspect, diff, hash ---
 
 
 @app.command("inspect")
 def inspect_cmd(
     path: str = typer.Argument(..., help="SD / MindSpore safetensors, MindSpore .ckpt, or diffusers folder."),
-    hash_: bool = typer.Option(False, "--hash", help="Read every tensor: sha256 (ModelSpec convention) per file "
-                               "and per component, and NaN / Inf counts."),
+    hash_: bool = typer.Option(
+        False,
+        "--hash",
+        help="Read every tensor: sha256 (ModelSpec convention) per file and per component, and NaN / Inf counts.",
+    ),
     keys: str = typer.Option("auto", "--keys", help="auto | base | refiner | lcm: keymap for MindSpore names."),
     variant: Optional[str] = typer.Option(None, "--variant", help="diffusers: read *.VARIANT.safetensors."),  # noqa: UP045
     json_out: Optional[str] = JSON_OUT,  # noqa: UP045
@@ -324,8 +388,10 @@ def main(argv: Optional[list[str]] = None) -> int:  # noqa: UP045 - Typer-friend
         # a file-size limit must surface as an OSError (EFBIG) we can report, not kill the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     previous_sigint = None
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored SIGINT (nohup, &) stays so
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):  # an ignored SIGINT (nohup, &) stays so
         previous_sigint = signal.signal(signal.SIGINT, _raise_interrupted)
     command = typer.main.get_command(app)
     try:

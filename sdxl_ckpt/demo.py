@@ -50,9 +50,9 @@ def run_demo(variant: str = "base", workdir: str | os.PathLike | None = None, qu
 def _run(variant: str, wd: Path, quiet: bool) -> int:
     from sdxl_ckpt.convert.diffusers_to_sd import convert_diffusers_to_sd
     from sdxl_ckpt.convert.sd_ms import st_to_ms
-    from sdxl_ckpt.tiny_model import build_tiny_model, prepare_output_dir
-    from sdxl_ckpt.verify.refdata import load_reference
-    from sdxl_ckpt.verify.reference import run_reference
+    from sdxl_ckpt.formats.reference_npz import load_reference
+    from sdxl_ckpt.reference.reference import run_reference
+    from sdxl_ckpt.testmodels.tiny import build_tiny_model, prepare_output_dir
     from sdxl_ckpt.verify.verify import render, verify_checkpoint
 
     total = time.perf_counter()
@@ -66,8 +66,7 @@ def _run(variant: str, wd: Path, quiet: bool) -> int:
     sd_file, ckpt = wd / f"sdxl-{variant}.safetensors", wd / f"sdxl-{variant}.ckpt"
     ref_file = wd / f"ref-{variant}.npz"
     done = _step(2, f"diffusers-to-sd {folder.name} -o {sd_file.name}", quiet)
-    rep = convert_diffusers_to_sd(folder, sd_file, unet_dir=unet_dir, lcm=variant == "lcm", overwrite=True,
-                                  quiet=quiet)
+    rep = convert_diffusers_to_sd(folder, sd_file, unet_dir=unet_dir, lcm=variant == "lcm", overwrite=True, quiet=quiet)
     done(f"{rep['tensors']} tensors, {rep['architecture']} ({rep['variant']})")
 
     done = _step(3, f"st-to-ms {sd_file.name} -o {ckpt.name}", quiet)
@@ -85,6 +84,8 @@ def _run(variant: str, wd: Path, quiet: bool) -> int:
     done(f"{len(report.results)} stages compared")
     print(render(report))
     verdict = "PASS" if report.passed else "FAIL"
-    print(f"demo {verdict}: the MindSpore ckpt {'reproduces' if report.passed else 'does NOT reproduce'} diffusers' "
-          f"SDXL {variant} stage by stage ({time.perf_counter() - total:.0f} s in all)")
+    print(
+        f"demo {verdict}: the MindSpore ckpt {'reproduces' if report.passed else 'does NOT reproduce'} diffusers' "
+        f"SDXL {variant} stage by stage ({time.perf_counter() - total:.0f} s in all)"
+    )
     return 0 if report.passed else 1

@@ -12,7 +12,7 @@ import pytest
 
 def _build(tmp_path_factory: pytest.TempPathFactory, name: str, variant: str, **kwargs) -> Path:
     pytest.importorskip("diffusers")
-    from sdxl_ckpt.tiny_model import build_tiny_model
+    from sdxl_ckpt.testmodels.tiny import build_tiny_model
 
     return build_tiny_model(variant, tmp_path_factory.mktemp(name) / "pipe", seed=0, **kwargs)
 

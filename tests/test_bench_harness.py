@@ -67,11 +67,16 @@ def _cli_options(name: str) -> set[str]:
 def test_command_lines_use_existing_options(tmp_path):
     """Every --flag the bench passes exists on the real command (the CLI may change under the bench)."""
     p = tmp_path / "x"
-    lines = [commands.generate_model("full", p), commands.diffusers_to_sd(p, p, "fp16"),
-             commands.st_to_ms(p, p, "fp32"), commands.ms_to_st(p, p), commands.reference(p, p, "full"),
-             commands.verify(p, p, p)]
+    lines = [
+        commands.generate_model("full", p),
+        commands.diffusers_to_sd(p, p, "fp16"),
+        commands.st_to_ms(p, p, "fp32"),
+        commands.ms_to_st(p, p),
+        commands.reference(p, p, "full"),
+        commands.verify(p, p, p),
+    ]
     for argv in lines:
-        rest = argv[len(commands.cli()):]
+        rest = argv[len(commands.cli()) :]
         flags = {a for a in rest[1:] if a.startswith("-")}
         assert flags <= _cli_options(rest[0]), (rest[0], flags - _cli_options(rest[0]))
 
@@ -81,13 +86,27 @@ def tiny_run(tmp_path_factory):
     """One bench run at tiny scale; the fp16 input folder is built in-process (torch is already loaded when the
     suite's other tiny-model tests ran), the rest goes through the real CLI as in a user's run."""
     pytest.importorskip("diffusers")
-    from sdxl_ckpt.tiny_model import build_tiny_model
+    from sdxl_ckpt.testmodels.tiny import build_tiny_model
 
     base = tmp_path_factory.mktemp("bench")
     source = build_tiny_model("base", base / "tiny_fp16", variant_fp16=True)
     md, js = base / "results.md", base / "results.json"
-    rc = bench_main(["--scale", "tiny", "--repeat", "1", "--workdir", str(base / "work"), "--diffusers-src",
-                     str(source), "--out-md", str(md), "--out-json", str(js)])
+    rc = bench_main(
+        [
+            "--scale",
+            "tiny",
+            "--repeat",
+            "1",
+            "--workdir",
+            str(base / "work"),
+            "--diffusers-src",
+            str(source),
+            "--out-md",
+            str(md),
+            "--out-json",
+            str(js),
+        ]
+    )
     assert rc == 0
     return md.read_text(), json.loads(js.read_text()), base
 
@@ -101,7 +120,7 @@ def test_results_table_is_well_formed(tiny_run):
     header = lines[start]
     assert [c.strip() for c in header.strip("|").split("|")] == list(TABLE_COLUMNS)
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append(line)
@@ -135,9 +154,24 @@ def test_inputs_are_reused(tiny_run):
     _text, _results, base = tiny_run
     manifest = json.loads((base / "work" / "tiny" / "inputs.json").read_text())
     before = dict(manifest["sizes"])
-    rc = bench_main(["--scale", "tiny", "--repeat", "1", "--cases", "copy_sd", "--workdir", str(base / "work"),
-                     "--diffusers-src", str(base / "tiny_fp16"), "--out-md", str(base / "r2.md"),
-                     "--out-json", str(base / "r2.json")])
+    rc = bench_main(
+        [
+            "--scale",
+            "tiny",
+            "--repeat",
+            "1",
+            "--cases",
+            "copy_sd",
+            "--workdir",
+            str(base / "work"),
+            "--diffusers-src",
+            str(base / "tiny_fp16"),
+            "--out-md",
+            str(base / "r2.md"),
+            "--out-json",
+            str(base / "r2.json"),
+        ]
+    )
     assert rc == 0
     again = json.loads((base / "work" / "tiny" / "inputs.json").read_text())
     assert again["sizes"] == before and again["created"] == manifest["created"]  # not rebuilt

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdxl_ckpt.convert import ckpt_io
-from sdxl_ckpt.convert.ckpt_io import checkpoint_class, record_header, scan_ckpt, verify_crc, write_ckpt
-from sdxl_ckpt.convert.dtypes import cast_array
-from sdxl_ckpt.convert.entries import TensorEntry, entry_from_array
 from sdxl_ckpt.errors import CorruptFileError, InputError, OutputExistsError
+from sdxl_ckpt.formats import ckpt_io
+from sdxl_ckpt.formats.ckpt_io import checkpoint_class, record_header, scan_ckpt, verify_crc, write_ckpt
+from sdxl_ckpt.formats.dtypes import cast_array
+from sdxl_ckpt.formats.entries import TensorEntry, entry_from_array
 
 ms = pytest.importorskip("mindspore")
 
@@ -104,8 +104,10 @@ def test_split_records_like_mindspore(tmp_path, monkeypatch):
     monkeypatch.setattr(serialization, "SLICE_SIZE", 1)  # KiB
     monkeypatch.setattr(ckpt_io, "SLICE_BYTES", 1024)
     big = RNG.standard_normal((30, 100)).astype(np.float32)  # 12000 bytes -> 12 records
-    params = {"big": ms.Parameter(ms.Tensor(big), name="big"), "small": ms.Parameter(ms.Tensor(big[0, :3]),
-                                                                                       name="small")}
+    params = {
+        "big": ms.Parameter(ms.Tensor(big), name="big"),
+        "small": ms.Parameter(ms.Tensor(big[0, :3]), name="small"),
+    }
     ms.save_checkpoint(params, str(tmp_path / "ms.ckpt"))
     write_ckpt(tmp_path / "ours.ckpt", [entry_from_array("big", big), entry_from_array("small", big[0, :3])])
     assert (tmp_path / "ours.ckpt").read_bytes() == (tmp_path / "ms.ckpt").read_bytes()
@@ -193,7 +195,7 @@ def test_mutated_files_fail_cleanly(tmp_path, data):
     raw = bytearray(path.read_bytes())
     for _ in range(data.draw(st.integers(1, 4))):
         raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
-    raw = raw[:data.draw(st.integers(1, len(raw)))]
+    raw = raw[: data.draw(st.integers(1, len(raw)))]
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(bytes(raw))
     try:

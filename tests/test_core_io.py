@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from sdxl_ckpt.convert.atomic import atomic_output
-from sdxl_ckpt.convert.dtypes import cast_array, target_dtype, to_float32
-from sdxl_ckpt.convert.entries import entry_from_array
-from sdxl_ckpt.convert.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.errors import CorruptFileError, OutputExistsError
+from sdxl_ckpt.formats.atomic import atomic_output
+from sdxl_ckpt.formats.dtypes import cast_array, target_dtype, to_float32
+from sdxl_ckpt.formats.entries import entry_from_array
+from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
 
 TENSORS = {
     "b.weight": np.arange(6, dtype=np.float16).reshape(2, 3),

@@ -17,21 +17,27 @@ import numpy as np
 import pytest
 
 from sdxl_ckpt.cli import main
-from sdxl_ckpt.convert.diffusers_folder import find_weight_files, read_component
-from sdxl_ckpt.convert.diffusers_to_sd import convert_diffusers_to_sd, plan_sd_entries
-from sdxl_ckpt.convert.entries import entry_from_array
-from sdxl_ckpt.convert.safetensors_io import read_safetensors, write_safetensors
+from sdxl_ckpt.convert.diffusers_to_sd import convert_diffusers_to_sd
 from sdxl_ckpt.errors import InputError, KeyMismatchError
+from sdxl_ckpt.formats.diffusers_folder import find_weight_files, read_component
+from sdxl_ckpt.formats.entries import entry_from_array
+from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
+from sdxl_ckpt.keymaps.diffusers_plan import plan_sd_entries
 from sdxl_ckpt.keymaps.diffusers_sd import SD_PREFIXES, map_component_keys, unet_blocks
 
 DATA = Path(__file__).parent / "data" / "mindone"
 CLIP_L_POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
 COND_PROJ = "model.diffusion_model.time_cond_proj.weight"
-WEIGHT_FILE = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-               "text_encoder": "model", "text_encoder_2": "model"}
+WEIGHT_FILE = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
 
 
 # --- expected key sets (mindone's lists) ---------------------------------------------------------------------------
+
 
 def _names(filename: str) -> list[str]:
     return (DATA / filename).read_text().split()
@@ -43,7 +49,7 @@ def base_key_set() -> set[str]:
 
 
 def refiner_key_set() -> set[str]:
-    """mindone's refiner list (MindSpore names) back in SD names (SDXL_FORMATS.md section 3)."""
+    """mindone's refiner list (MindSpore names) back in SD names."""
     renames = ((r"\.gamma$", ".weight"), (r"\.beta$", ".bias"), (r"\.embedding_table$", ".weight"))
     out = set()
     for name in _names("mindspore_key_refiner.txt"):
@@ -63,14 +69,16 @@ def test_full_size_configs_map_to_the_mindone_sets(variant):
     """The REAL SDXL structures (full configs on the meta device, no memory) map exactly onto mindone's lists."""
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from sdxl_ckpt.full_model import meta_model
-    from sdxl_ckpt.tiny_model import full_configs
+    from sdxl_ckpt.sdxl.configs import full_configs
+    from sdxl_ckpt.testmodels.full import meta_model
 
     names = set()
     for component, config in full_configs(variant).items():
         model = meta_model(component, config)
-        keys = [("text_model." + k if component == "text_encoder" and not k.startswith("text_model.") else k)
-                for k in model.state_dict()]
+        keys = [
+            ("text_model." + k if component == "text_encoder" and not k.startswith("text_model.") else k)
+            for k in model.state_dict()
+        ]
         cmap = map_component_keys(component, keys, config, SD_PREFIXES[variant][component])
         assert not cmap.unknown and not cmap.missing and not cmap.dropped
         names |= {t.name for t in cmap.targets} | {name for name, _ in cmap.generated}
@@ -86,6 +94,7 @@ def test_mindone_lists_have_the_published_counts():
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
+
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:
     return {e.name: e.load() for e in read_safetensors(path).entries}
@@ -134,6 +143,7 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 # --- converted outputs, once per session ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def outdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("d2sd")
@@ -167,13 +177,15 @@ def lcm_cp_out(tiny_lcm_cond_proj, outdir):
 def fp16_sharded(tmp_path_factory) -> Path:
     """A base pipeline saved as *.fp16.safetensors with the UNet sharded (index json + shards)."""
     pytest.importorskip("diffusers")
-    from sdxl_ckpt.tiny_model import build_tiny_model
+    from sdxl_ckpt.testmodels.tiny import build_tiny_model
 
-    return build_tiny_model("base", tmp_path_factory.mktemp("fp16sh") / "pipe", variant_fp16=True,
-                            unet_max_shard_size="4MB")
+    return build_tiny_model(
+        "base", tmp_path_factory.mktemp("fp16sh") / "pipe", variant_fp16=True, unet_max_shard_size="4MB"
+    )
 
 
 # --- key sets --------------------------------------------------------------------------------------------------------
+
 
 def test_base_key_set_is_official(base_out):
     out, report = base_out
@@ -231,6 +243,7 @@ def test_metadata(base_out, tiny_base):
 
 # --- values: bit for bit after undoing the documented transforms --------------------------------------------------
 
+
 def _undo(transform: str, value: np.ndarray, count: int) -> list[np.ndarray]:
     if transform == "transpose":
         return [value.T]
@@ -287,6 +300,7 @@ def test_generated_tensors(base_out, refiner_out):
 
 # --- peer check: diffusers' own converters read our file back -----------------------------------------------------
 
+
 def _peer_check(out: Path, pipe: Path, arch: str) -> None:
     torch = pytest.importorskip("torch")
     pytest.importorskip("diffusers")
@@ -318,8 +332,10 @@ def _peer_check(out: Path, pipe: Path, arch: str) -> None:
     class _Model:  # convert_open_clip_checkpoint only reads .config
         config = CLIPTextConfig.from_pretrained(str(pipe / "text_encoder_2"))
 
-    same(sfu.convert_open_clip_checkpoint(_Model, checkpoint, prefix=SD_PREFIXES[arch]["text_encoder_2"]),
-         pipe / "text_encoder_2")
+    same(
+        sfu.convert_open_clip_checkpoint(_Model, checkpoint, prefix=SD_PREFIXES[arch]["text_encoder_2"]),
+        pipe / "text_encoder_2",
+    )
 
 
 @pytest.mark.torch
@@ -333,6 +349,7 @@ def test_peer_check_refiner(refiner_out, tiny_refiner):
 
 
 # --- input variants ------------------------------------------------------------------------------------------------
+
 
 def test_fp16_variant_and_sharded_unet(fp16_sharded, base_out, tmp_path):
     assert len(list((fp16_sharded / "unet").glob("*.fp16-*-of-*.safetensors"))) > 1
@@ -354,8 +371,11 @@ def test_fp16_only_folder_without_variant_uses_it_with_a_note(fp16_sharded, tmp_
 
 def test_flat_clip_l_keys(tiny_base, base_out, tmp_path):
     pipe = _link_pipeline(tiny_base, tmp_path / "pipe", skip=("text_encoder",))
-    _resave_component(tiny_base / "text_encoder", pipe / "text_encoder",
-                      lambda t: {k.removeprefix("text_model."): v for k, v in t.items()})
+    _resave_component(
+        tiny_base / "text_encoder",
+        pipe / "text_encoder",
+        lambda t: {k.removeprefix("text_model."): v for k, v in t.items()},
+    )
     flat_keys = read_safetensors(pipe / "text_encoder" / "model.safetensors").by_name()
     assert not any(k.startswith("text_model.") for k in flat_keys)
     out = tmp_path / "flat.safetensors"
@@ -396,10 +416,16 @@ def test_dtype_bf16_rounds_like_torch(tiny_base, base_out, tmp_path):
 def test_stray_position_ids_are_dropped_and_reported(tiny_base, base_out, tmp_path):
     pipe = _link_pipeline(tiny_base, tmp_path / "pipe", skip=("text_encoder", "text_encoder_2"))
     stray = np.arange(77, dtype=np.int64)[None]
-    _resave_component(tiny_base / "text_encoder_2", pipe / "text_encoder_2",
-                      lambda t: {**t, "text_model.embeddings.position_ids": stray})
-    _resave_component(tiny_base / "text_encoder", pipe / "text_encoder",
-                      lambda t: {**t, "text_model.embeddings.position_ids": stray.astype(np.float32) + 0.25})
+    _resave_component(
+        tiny_base / "text_encoder_2",
+        pipe / "text_encoder_2",
+        lambda t: {**t, "text_model.embeddings.position_ids": stray},
+    )
+    _resave_component(
+        tiny_base / "text_encoder",
+        pipe / "text_encoder",
+        lambda t: {**t, "text_model.embeddings.position_ids": stray.astype(np.float32) + 0.25},
+    )
     out = tmp_path / "stray.safetensors"
     report = _convert(pipe, out)
     assert set(_dtypes(out)) == base_key_set()
@@ -412,8 +438,9 @@ def test_stray_position_ids_are_dropped_and_reported(tiny_base, base_out, tmp_pa
 
 # --- streaming ------------------------------------------------------------------------------------------------------
 
+
 def test_planning_reads_no_tensor_bytes(tiny_base, monkeypatch):
-    import sdxl_ckpt.convert.safetensors_io as sio
+    import sdxl_ckpt.formats.safetensors_io as sio
 
     calls = []
     real = sio._reader
@@ -442,6 +469,7 @@ def test_peak_memory_is_far_below_model_size(tiny_base, tmp_path):
 
 
 # --- CLI and bad input ----------------------------------------------------------------------------------------------
+
 
 def test_cli_report_and_json(tiny_base, tmp_path, capsys):
     out, js = tmp_path / "cli.safetensors", tmp_path / "report.json"
@@ -483,18 +511,23 @@ def test_truncated_safetensors(tiny_base, tmp_path, capsys):
 
 def test_unexpected_key_in_a_component(tiny_base, tmp_path, capsys):
     pipe = _link_pipeline(tiny_base, tmp_path / "pipe", skip=("vae",))
-    _resave_component(tiny_base / "vae", pipe / "vae",
-                      lambda t: {**t, "decoder.extra_head.weight": np.zeros(3, np.float32)})
+    _resave_component(
+        tiny_base / "vae", pipe / "vae", lambda t: {**t, "decoder.extra_head.weight": np.zeros(3, np.float32)}
+    )
     out = tmp_path / "o.safetensors"
     rc, _, err = _run(["diffusers-to-sd", str(pipe), "-o", str(out), "-q"], capsys)
-    _assert_clean_failure(rc, err, out, str(pipe / "vae" / "diffusion_pytorch_model.safetensors"),
-                          "decoder.extra_head.weight")
+    _assert_clean_failure(
+        rc, err, out, str(pipe / "vae" / "diffusion_pytorch_model.safetensors"), "decoder.extra_head.weight"
+    )
 
 
 def test_missing_key_in_a_component(tiny_base, tmp_path, capsys):
     pipe = _link_pipeline(tiny_base, tmp_path / "pipe", skip=("vae",))
-    _resave_component(tiny_base / "vae", pipe / "vae",
-                      lambda t: {k: v for k, v in t.items() if k != "decoder.up_blocks.1.resnets.2.conv1.weight"})
+    _resave_component(
+        tiny_base / "vae",
+        pipe / "vae",
+        lambda t: {k: v for k, v in t.items() if k != "decoder.up_blocks.1.resnets.2.conv1.weight"},
+    )
     out = tmp_path / "o.safetensors"
     rc, _, err = _run(["diffusers-to-sd", str(pipe), "-o", str(out), "-q"], capsys)
     _assert_clean_failure(rc, err, out, "incomplete vae", "first_stage_model.decoder.up.2.block.2.conv1.weight")
@@ -534,6 +567,7 @@ def test_bad_dtype(tiny_base, tmp_path, capsys):
 
 # --- weight-file choice (small synthetic folders) -------------------------------------------------------------------
 
+
 def _touch_weights(folder: Path, *names: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -543,13 +577,16 @@ def _touch_weights(folder: Path, *names: str) -> None:
             (folder / name).write_bytes(b"not read")
 
 
-@pytest.mark.parametrize("files, variant, chosen, note", [
-    (("model.safetensors", "model.fp16.safetensors"), None, "model.safetensors", None),
-    (("model.safetensors", "model.fp16.safetensors"), "fp16", "model.fp16.safetensors", None),
-    (("model.fp16.safetensors",), None, "model.fp16.safetensors", "only fp16"),
-    (("model.safetensors",), "fp16", "model.safetensors", "no fp16 variant"),
-    (("model.safetensors", "model.bin"), None, "model.safetensors", "ignored pickle"),
-])
+@pytest.mark.parametrize(
+    "files, variant, chosen, note",
+    [
+        (("model.safetensors", "model.fp16.safetensors"), None, "model.safetensors", None),
+        (("model.safetensors", "model.fp16.safetensors"), "fp16", "model.fp16.safetensors", None),
+        (("model.fp16.safetensors",), None, "model.fp16.safetensors", "only fp16"),
+        (("model.safetensors",), "fp16", "model.safetensors", "no fp16 variant"),
+        (("model.safetensors", "model.bin"), None, "model.safetensors", "ignored pickle"),
+    ],
+)
 def test_weight_choice(tmp_path, files, variant, chosen, note):
     _touch_weights(tmp_path, *files)
     weights = find_weight_files(tmp_path, variant)
@@ -557,14 +594,17 @@ def test_weight_choice(tmp_path, files, variant, chosen, note):
     assert (note is None and not weights.notes) or any(note in n for n in weights.notes)
 
 
-@pytest.mark.parametrize("files, variant, message", [
-    (("model.fp16.safetensors", "model.bf16.safetensors"), None, "several weight variants"),
-    (("model.bin",), None, "pickle"),
-    (("model.safetensors", "model.safetensors.index.json"), None, "ambiguous"),
-    (("model.safetensors", "diffusion_pytorch_model.safetensors"), None, "ambiguous"),
-    ((), None, "no weights"),
-    (("model.bf16.safetensors",), "fp16", "no 'fp16' weights"),
-])
+@pytest.mark.parametrize(
+    "files, variant, message",
+    [
+        (("model.fp16.safetensors", "model.bf16.safetensors"), None, "several weight variants"),
+        (("model.bin",), None, "pickle"),
+        (("model.safetensors", "model.safetensors.index.json"), None, "ambiguous"),
+        (("model.safetensors", "diffusion_pytorch_model.safetensors"), None, "ambiguous"),
+        ((), None, "no weights"),
+        (("model.bf16.safetensors",), "fp16", "no 'fp16' weights"),
+    ],
+)
 def test_weight_choice_errors(tmp_path, files, variant, message):
     _touch_weights(tmp_path, *files)
     with pytest.raises(InputError, match=message):
@@ -575,19 +615,29 @@ def test_shard_with_a_key_the_index_does_not_list(tmp_path):
     folder = tmp_path / "vae"
     _touch_weights(folder, "diffusion_pytorch_model-00001-of-00001.safetensors")
     (folder / "config.json").write_text(json.dumps({"block_out_channels": [32]}))
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"other": "diffusion_pytorch_model-00001-of-00001.safetensors"}}))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"other": "diffusion_pytorch_model-00001-of-00001.safetensors"}})
+    )
     with pytest.raises(KeyMismatchError, match="does not list it"):
         read_component("vae", folder)
 
 
 # --- the rule tables are derived from the config --------------------------------------------------------------------
 
+
 def _two_level_unet_config() -> dict:
-    return {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "block_out_channels": [32, 64],
-            "layers_per_block": 1, "transformer_layers_per_block": [1, 3], "addition_embed_type": None,
-            "cross_attention_dim": 32, "attention_head_dim": [2, 4], "norm_num_groups": 32, "sample_size": 8}
+    return {
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "transformer_layers_per_block": [1, 3],
+        "addition_embed_type": None,
+        "cross_attention_dim": 32,
+        "attention_head_dim": [2, 4],
+        "norm_num_groups": 32,
+        "sample_size": 8,
+    }
 
 
 @pytest.mark.torch
@@ -628,4 +678,3 @@ def test_transformer_depth_and_missing_qkv_are_checked():
     with pytest.raises(KeyMismatchError, match="missing k"):
         map_component_keys("text_encoder_2", keys, te2, "p.")
     assert map_component_keys("text_encoder_2", ["text_model.encoder.layers.2.mlp.fc1.weight"], te2, "p.").unknown
-

@@ -7,10 +7,10 @@ import threading
 import numpy as np
 import pytest
 
-from sdxl_ckpt.convert import fastio
-from sdxl_ckpt.convert.entries import entry_from_array
-from sdxl_ckpt.convert.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.errors import CorruptFileError
+from sdxl_ckpt.formats import fastio
+from sdxl_ckpt.formats.entries import entry_from_array
+from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
 
 
 def test_map_bytes_is_a_read_only_view_and_checks_the_size(tmp_path):
@@ -26,8 +26,10 @@ def test_map_bytes_is_a_read_only_view_and_checks_the_size(tmp_path):
 @pytest.mark.parametrize("kernel", [True, False])
 def test_span_copy_gives_the_same_bytes_with_or_without_the_kernel(tmp_path, monkeypatch, kernel):
     if not kernel:  # a filesystem pair copy_file_range cannot handle: every byte goes through write()
+
         def refuse(*args, **kwargs):
             raise OSError(fastio.errno.EXDEV, "cross-device")
+
         monkeypatch.setattr(fastio.os, "copy_file_range", refuse)
     rng = np.random.default_rng(0)
     arrays = {f"t{i}": rng.standard_normal((i + 1, 700)).astype(np.float16) for i in range(6)}
@@ -42,7 +44,7 @@ def test_span_copy_gives_the_same_bytes_with_or_without_the_kernel(tmp_path, mon
         handle.write(b"head")
         copied = fastio.copy_span(handle, src, 8, 100)
         assert copied == (100 if kernel else 0)
-        handle.write(src.read_bytes()[8 + copied:108])
+        handle.write(src.read_bytes()[8 + copied : 108])
     assert (tmp_path / "part.bin").read_bytes() == b"head" + src.read_bytes()[8:108]
 
 

@@ -24,18 +24,23 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from sdxl_ckpt.convert.ckpt_io import CRC_MARK, record_header, scan_ckpt, verify_crc, write_ckpt
-from sdxl_ckpt.convert.dtypes import MS_TO_ST, ST_TO_NUMPY
-from sdxl_ckpt.convert.entries import entry_from_array
-from sdxl_ckpt.convert.safetensors_io import read_safetensors
 from sdxl_ckpt.errors import SdxlCkptError
+from sdxl_ckpt.formats.ckpt_io import CRC_MARK, record_header, scan_ckpt, verify_crc, write_ckpt
+from sdxl_ckpt.formats.dtypes import MS_TO_ST, ST_TO_NUMPY
+from sdxl_ckpt.formats.entries import entry_from_array
+from sdxl_ckpt.formats.safetensors_io import read_safetensors
 from sdxl_ckpt.manage.hashing import hash_entries, hash_safetensors
 from sdxl_ckpt.manage.inspect import inspect_checkpoint
 
 EXAMPLES = int(os.environ.get("SDXL_CKPT_FUZZ_EXAMPLES", "400"))
 HANG_SECONDS = 10.0
-FUZZ = settings(max_examples=EXAMPLES, deadline=3000, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=3000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 STATS: dict[str, Counter] = {"safetensors": Counter(), "ckpt": Counter()}
 WORK = Path(tempfile.gettempdir())  # replaced by a fresh folder for this module (fixture ``work_dir``)
 
@@ -89,6 +94,7 @@ def exercise(kind: str, data: bytes) -> str:
 
 # --- seeds: real small files ----------------------------------------------------------------------------------------
 
+
 def _seed_tensors() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {
@@ -133,13 +139,13 @@ def mutate(data: bytes, mutations: list[tuple]) -> bytes:
         if kind == "flip" and at < len(out):
             out[at] ^= 1 << arg
         elif kind == "set":
-            out[at:at + len(arg)] = arg
+            out[at : at + len(arg)] = arg
         elif kind == "truncate":
             del out[at:]
         elif kind == "insert":
             out[at:at] = arg
         elif kind == "delete":
-            del out[at:at + arg]
+            del out[at : at + arg]
     return bytes(out)
 
 
@@ -161,13 +167,21 @@ HOSTILE_INT = st.one_of(st.integers(-3, 70), st.sampled_from([2**31, 2**32, 2**6
 JSON_SCALAR = st.one_of(st.none(), st.booleans(), HOSTILE_INT, st.floats(allow_nan=False), st.text(max_size=8))
 DTYPE = st.one_of(st.sampled_from(sorted(ST_TO_NUMPY)), st.sampled_from(["F8_E4M3", "f32", "", "I128"]), JSON_SCALAR)
 TENSOR_INFO = st.one_of(
-    st.fixed_dictionaries({"dtype": DTYPE, "shape": st.one_of(st.lists(HOSTILE_INT, max_size=4), JSON_SCALAR),
-                           "data_offsets": st.one_of(st.lists(HOSTILE_INT, min_size=0, max_size=3), JSON_SCALAR)}),
+    st.fixed_dictionaries(
+        {
+            "dtype": DTYPE,
+            "shape": st.one_of(st.lists(HOSTILE_INT, max_size=4), JSON_SCALAR),
+            "data_offsets": st.one_of(st.lists(HOSTILE_INT, min_size=0, max_size=3), JSON_SCALAR),
+        }
+    ),
     JSON_SCALAR,
     st.dictionaries(st.text(max_size=12), JSON_SCALAR, max_size=3),
 )
-METADATA = st.one_of(st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3),
-                     st.dictionaries(st.text(max_size=10), JSON_SCALAR, max_size=3), JSON_SCALAR)
+METADATA = st.one_of(
+    st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3),
+    st.dictionaries(st.text(max_size=10), JSON_SCALAR, max_size=3),
+    JSON_SCALAR,
+)
 
 
 def framed(header: bytes, data: bytes = b"") -> bytes:
@@ -181,7 +195,7 @@ def generated_safetensors(draw) -> bytes:
         header["__metadata__"] = draw(METADATA)
     raw = json.dumps(header).encode()
     if draw(st.booleans()):
-        raw = draw(st.binary(max_size=64)) if draw(st.booleans()) else raw[:draw(st.integers(0, len(raw)))]
+        raw = draw(st.binary(max_size=64)) if draw(st.booleans()) else raw[: draw(st.integers(0, len(raw)))]
     length = len(raw) if draw(st.integers(0, 3)) else draw(HOSTILE_INT.filter(lambda n: 0 <= n < 2**64))
     return struct.pack("<Q", length) + raw + draw(st.binary(max_size=256))
 
@@ -197,8 +211,9 @@ def _generated_safetensors(data: bytes) -> None:
 
 # --- generated ckpt records -----------------------------------------------------------------------------------------
 
-TENSOR_TYPES = st.one_of(st.sampled_from(sorted(MS_TO_ST)), st.sampled_from(["Float17", "", "Complex64", "Int4"]),
-                         st.text(max_size=10))
+TENSOR_TYPES = st.one_of(
+    st.sampled_from(sorted(MS_TO_ST)), st.sampled_from(["Float17", "", "Complex64", "Int4"]), st.text(max_size=10)
+)
 
 
 @st.composite
@@ -231,6 +246,7 @@ def _generated_ckpt(data: bytes) -> None:
 
 # --- the tests ------------------------------------------------------------------------------------------------------
 
+
 class FuzzSummary:
     """Terminal-summary plugin: the malformed-input counts appear in the test output without ``-s``."""
 
@@ -239,7 +255,8 @@ class FuzzSummary:
             if counts["tried"]:
                 terminalreporter.write_line(
                     f"fuzz {kind}: {counts['tried']} inputs tried, {counts['malformed']} malformed "
-                    f"(raised SdxlCkptError), {counts['parsed']} parsed; no other exception, no hang")
+                    f"(raised SdxlCkptError), {counts['parsed']} parsed; no other exception, no hang"
+                )
 
 
 @pytest.fixture(scope="module", autouse=True)

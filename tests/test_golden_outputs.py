@@ -48,8 +48,9 @@ GOLDEN: dict[str, tuple[str, str, str, str]] = {
 
 
 def _cli(*argv: object) -> None:
-    proc = subprocess.run([sys.executable, "-m", "sdxl_ckpt.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdxl_ckpt.cli", *map(str, argv)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
 
 

@@ -25,8 +25,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sdxl_ckpt.cli import main
-from sdxl_ckpt.convert.ckpt_io import record_header, scan_ckpt
-from sdxl_ckpt.convert.dtypes import ST_TO_MS
+from sdxl_ckpt.formats.ckpt_io import record_header, scan_ckpt
+from sdxl_ckpt.formats.dtypes import ST_TO_MS
 
 UNET = "model.diffusion_model."
 BASE_SENTINEL = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
@@ -36,6 +36,7 @@ PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2  # <linux/prct
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 
+
 def run(capsys, *argv: object) -> tuple[int, str, str]:
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -43,8 +44,13 @@ def run(capsys, *argv: object) -> tuple[int, str, str]:
 
 
 def run_sub(*argv: object, timeout: float = 120, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdxl_ckpt.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "sdxl_ckpt.cli", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def assert_one_error(err: str, *needles: str) -> None:
@@ -72,12 +78,17 @@ def old_file(path: Path, content: bytes = b"precious, not a checkpoint\n") -> tu
 
 # --- fixtures -----------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def good(tiny_base: Path, tmp_path_factory) -> dict[str, Path]:
     """A tiny base as SD safetensors and ckpt, plus a copy of the SD file holding NaN and Inf (and its ckpt)."""
     out = tmp_path_factory.mktemp("hardening")
-    paths = {"sd": out / "base.safetensors", "ckpt": out / "base.ckpt", "nan_sd": out / "nan.safetensors",
-             "nan_ckpt": out / "nan.ckpt"}
+    paths = {
+        "sd": out / "base.safetensors",
+        "ckpt": out / "base.ckpt",
+        "nan_sd": out / "nan.safetensors",
+        "nan_ckpt": out / "nan.ckpt",
+    }
     assert main(["diffusers-to-sd", str(tiny_base), "-o", str(paths["sd"]), "-q", "--json", str(out / "r.json")]) == 0
     assert main(["st-to-ms", str(paths["sd"]), "-o", str(paths["ckpt"]), "-q", "--json", str(out / "r.json")]) == 0
     tensors = load_file(paths["sd"])
@@ -86,12 +97,14 @@ def good(tiny_base: Path, tmp_path_factory) -> dict[str, Path]:
     bad.reshape(-1)[7] = -np.inf
     tensors[NAN_KEY] = bad
     save_file(tensors, paths["nan_sd"], metadata={"sdxl_ckpt.variant": "base"})
-    assert main(["st-to-ms", str(paths["nan_sd"]), "-o", str(paths["nan_ckpt"]), "-q",
-                 "--json", str(out / "r.json")]) == 0
+    assert (
+        main(["st-to-ms", str(paths["nan_sd"]), "-o", str(paths["nan_ckpt"]), "-q", "--json", str(out / "r.json")]) == 0
+    )
     return paths
 
 
 # --- corrupt safetensors ------------------------------------------------------------------------------------------
+
 
 def crafted(path: Path, header: bytes, data: bytes = b"", length: int | None = None) -> Path:
     path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
@@ -101,13 +114,17 @@ def crafted(path: Path, header: bytes, data: bytes = b"", length: int | None = N
 SAFETENSORS_CASES = {
     "not-json": (lambda p: crafted(p, b"{this is not json}   "), "not valid JSON"),
     "not-utf8": (lambda p: crafted(p, b'{"a": "\xff\xfe"}       '), "not valid JSON"),
-    "offsets-past-end": (lambda p: crafted(
-        p, b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}', b"\0" * 8), "past the end"),
+    "offsets-past-end": (
+        lambda p: crafted(p, b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}', b"\0" * 8),
+        "past the end",
+    ),
     "header-larger-than-file": (lambda p: crafted(p, b"{}", length=1 << 20), "truncated"),
     "implausible-header-length": (lambda p: crafted(p, b"{}", length=1 << 62), "implausible"),
     "too-short": (lambda p: p.write_bytes(b"\x01\x02") and p, "no header length"),
-    "shape-disagrees": (lambda p: crafted(
-        p, b'{"w":{"dtype":"F16","shape":[3],"data_offsets":[0,8]}}', b"\0" * 8), "needs 6"),
+    "shape-disagrees": (
+        lambda p: crafted(p, b'{"w":{"dtype":"F16","shape":[3],"data_offsets":[0,8]}}', b"\0" * 8),
+        "needs 6",
+    ),
 }
 
 
@@ -115,8 +132,12 @@ SAFETENSORS_CASES = {
 def test_corrupt_safetensors_header(capsys, tmp_path, good, case):
     make, needle = SAFETENSORS_CASES[case]
     bad = make(tmp_path / "bad.safetensors")
-    for argv in (["inspect", bad], ["st-to-ms", bad, "-o", tmp_path / "out.ckpt"],
-                 ["diff", good["sd"], bad], ["ms-to-st", bad, "-o", tmp_path / "out.safetensors"]):
+    for argv in (
+        ["inspect", bad],
+        ["st-to-ms", bad, "-o", tmp_path / "out.ckpt"],
+        ["diff", good["sd"], bad],
+        ["ms-to-st", bad, "-o", tmp_path / "out.safetensors"],
+    ):
         rc, _out, err = run(capsys, *argv, "-q")
         assert rc == 2, (argv, err)
         assert_one_error(err, "bad.safetensors", needle)
@@ -127,8 +148,7 @@ def test_truncated_safetensors(capsys, tmp_path, good):
     data = good["sd"].read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) // 2])
-    for argv in (["inspect", cut, "--hash"], ["st-to-ms", cut, "-o", tmp_path / "out.ckpt"],
-                 ["diff", good["sd"], cut]):
+    for argv in (["inspect", cut, "--hash"], ["st-to-ms", cut, "-o", tmp_path / "out.ckpt"], ["diff", good["sd"], cut]):
         rc, _out, err = run(capsys, *argv, "-q")
         assert rc == 2
         assert_one_error(err, "cut.safetensors", "truncated")
@@ -136,6 +156,7 @@ def test_truncated_safetensors(capsys, tmp_path, good):
 
 
 # --- corrupt ckpt -------------------------------------------------------------------------------------------------
+
 
 def second_record_offset(ckpt: Path) -> int:
     first = scan_ckpt(ckpt).entries[0]
@@ -145,25 +166,31 @@ def second_record_offset(ckpt: Path) -> int:
 def corrupt_ckpt(good_ckpt: Path, target: Path, how: str) -> Path:
     data = bytearray(good_ckpt.read_bytes())
     if how == "truncated":
-        del data[len(data) // 2:]
+        del data[len(data) // 2 :]
     elif how == "garbage-record":
         start = second_record_offset(good_ckpt)
-        data[start + 1: start + 12] = b"\xff" * 11  # the record's length varint becomes endless
+        data[start + 1 : start + 12] = b"\xff" * 11  # the record's length varint becomes endless
     elif how == "bad-tensor-type":
         at = data.index(b"Float32")
-        data[at: at + 7] = b"Float99"
+        data[at : at + 7] = b"Float99"
     elif how == "not-a-ckpt":
         data[:16] = b"\x07" * 16
     target.write_bytes(bytes(data))
     return target
 
 
-@pytest.mark.parametrize("how, needle", [("truncated", "truncated"), ("garbage-record", "varint"),
-                                         ("bad-tensor-type", "Float99"), ("not-a-ckpt", "not a MindSpore ckpt")])
+@pytest.mark.parametrize(
+    "how, needle",
+    [
+        ("truncated", "truncated"),
+        ("garbage-record", "varint"),
+        ("bad-tensor-type", "Float99"),
+        ("not-a-ckpt", "not a MindSpore ckpt"),
+    ],
+)
 def test_corrupt_ckpt_record(capsys, tmp_path, good, how, needle):
     bad = corrupt_ckpt(good["ckpt"], tmp_path / "bad.ckpt", how)
-    for argv in (["inspect", bad], ["ms-to-st", bad, "-o", tmp_path / "out.safetensors"],
-                 ["diff", bad, good["sd"]]):
+    for argv in (["inspect", bad], ["ms-to-st", bad, "-o", tmp_path / "out.safetensors"], ["diff", bad, good["sd"]]):
         rc, _out, err = run(capsys, *argv, "-q")
         assert rc == 2, (argv, err)
         assert_one_error(err, "bad.ckpt", needle)
@@ -179,6 +206,7 @@ def test_pickle_checkpoint_is_refused_not_unpickled(capsys, tmp_path):
 
 
 # --- NaN / Inf ----------------------------------------------------------------------------------------------------
+
 
 def warning_lines(err: str) -> list[str]:
     assert "Traceback" not in err and "error:" not in err
@@ -212,11 +240,13 @@ def test_nan_inf_warned_by_converters(capsys, tmp_path, good, tiny_base):
     save_file(tensors, unet_file)
     rc, _out, err = run(capsys, "diffusers-to-sd", folder, "-o", tmp_path / "y.safetensors", "-q")
     assert rc == 0
-    assert warning_lines(err) == [f"warning: key '{UNET}input_blocks.0.0.weight': 0 NaN, 1 Inf values "
-                                  f"(written as they are)"]
+    assert warning_lines(err) == [
+        f"warning: key '{UNET}input_blocks.0.0.weight': 0 NaN, 1 Inf values (written as they are)"
+    ]
 
 
 # --- diffusers folders --------------------------------------------------------------------------------------------
+
 
 def test_diffusers_folder_missing_component(capsys, tmp_path, tiny_base):
     folder = shutil.copytree(tiny_base, tmp_path / "pipe")
@@ -253,6 +283,7 @@ def test_diffusers_folder_with_two_weight_formats(capsys, tmp_path, tiny_base):
 
 # --- unknown variant ----------------------------------------------------------------------------------------------
 
+
 def test_unknown_variant(capsys, tmp_path, good):
     tensors = load_file(good["sd"])
     del tensors[BASE_SENTINEL]
@@ -271,10 +302,13 @@ def test_unknown_variant(capsys, tmp_path, good):
 
 # --- outputs: existing, read-only folder, full disk, interrupt ----------------------------------------------------
 
+
 def conversions(good: dict[str, Path], tiny_base: Path, out_dir: Path) -> list[list[object]]:
-    return [["st-to-ms", good["sd"], "-o", out_dir / "out.ckpt"],
-            ["ms-to-st", good["ckpt"], "-o", out_dir / "out.safetensors"],
-            ["diffusers-to-sd", tiny_base, "-o", out_dir / "out.safetensors"]]
+    return [
+        ["st-to-ms", good["sd"], "-o", out_dir / "out.ckpt"],
+        ["ms-to-st", good["ckpt"], "-o", out_dir / "out.safetensors"],
+        ["diffusers-to-sd", tiny_base, "-o", out_dir / "out.safetensors"],
+    ]
 
 
 def test_existing_output_is_never_modified(capsys, tmp_path, good, tiny_base):
@@ -347,7 +381,7 @@ def test_full_disk(tmp_path, good, tiny_base):
 SLOW_READS = textwrap.dedent("""
     # Run the CLI with every tensor read slowed down and announced, so a test can interrupt it mid-write.
     import pathlib, sys, time
-    import sdxl_ckpt.convert.safetensors_io as sio
+    import sdxl_ckpt.formats.safetensors_io as sio
     from sdxl_ckpt.cli import main
 
     marker = pathlib.Path(sys.argv[1])
@@ -378,8 +412,13 @@ def test_interrupt_mid_write(tmp_path, good, tiny_base, command):
     out_dir.mkdir()
     src = good["sd"] if command == "st-to-ms" else tiny_base
     target = out_dir / ("x.ckpt" if command == "st-to-ms" else "x.safetensors")
-    proc = subprocess.Popen([sys.executable, str(driver), str(marker), command, str(src), "-o", str(target), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    proc = subprocess.Popen(
+        [sys.executable, str(driver), str(marker), command, str(src), "-o", str(target), "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (marker.exists() and any(p.suffix == ".partial" for p in out_dir.iterdir())):
@@ -398,8 +437,8 @@ def test_interrupt_mid_write(tmp_path, good, tiny_base, command):
 
 def test_output_gets_ordinary_permissions(tmp_path):
     """Outputs are written through mkstemp (mode 0600); the finished file must get 0666 minus the umask instead."""
-    from sdxl_ckpt.convert.entries import entry_from_array
-    from sdxl_ckpt.convert.safetensors_io import write_safetensors
+    from sdxl_ckpt.formats.entries import entry_from_array
+    from sdxl_ckpt.formats.safetensors_io import write_safetensors
 
     umask = os.umask(0o022)
     try:

@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sdxl_ckpt.cli import main
-from sdxl_ckpt.manage.components import component_of
+from sdxl_ckpt.sdxl.components import component_of
 
 UNET = "model.diffusion_model."
 SD_COUNTS = {"unet": 1680, "vae": 248, "clip_l": 197, "openclip": 390}  # SDXL base, official layout
@@ -71,13 +71,16 @@ def test_inspect_sd_base_text(capsys, files):
         assert any(line.split()[:2] == [component, str(count)] for line in out.splitlines()), component
 
 
-@pytest.mark.parametrize("name, fmt, variant, counts", [
-    ("base_sd", "sd", "base", SD_COUNTS),
-    ("refiner_sd", "sd", "refiner", {"unet": 1220, "vae": 248, "openclip": 390}),
-    ("lcm_sd", "sd", "lcm", {**SD_COUNTS, "unet": 1681}),
-    ("base_ckpt", "ckpt", "base", {**SD_COUNTS, "clip_l": 196}),
-    ("base_ms_st", "ms-safetensors", "base", {**SD_COUNTS, "clip_l": 196}),
-])
+@pytest.mark.parametrize(
+    "name, fmt, variant, counts",
+    [
+        ("base_sd", "sd", "base", SD_COUNTS),
+        ("refiner_sd", "sd", "refiner", {"unet": 1220, "vae": 248, "openclip": 390}),
+        ("lcm_sd", "sd", "lcm", {**SD_COUNTS, "unet": 1681}),
+        ("base_ckpt", "ckpt", "base", {**SD_COUNTS, "clip_l": 196}),
+        ("base_ms_st", "ms-safetensors", "base", {**SD_COUNTS, "clip_l": 196}),
+    ],
+)
 def test_inspect_json_every_layout(capsys, files, name, fmt, variant, counts):
     report = inspect_json(capsys, files[name])
     assert report["format"] == fmt and report["variant"] == variant
@@ -163,8 +166,10 @@ def test_stored_modelspec_hash_is_checked(capsys, tmp_path):
 
 
 def test_inspect_unknown_keys_and_unknown_variant(capsys, tmp_path):
-    save_file({"model_ema.decay": np.ones(1, np.float32), f"{UNET}out.2.bias": np.zeros(4, np.float32)},
-              tmp_path / "odd.safetensors")
+    save_file(
+        {"model_ema.decay": np.ones(1, np.float32), f"{UNET}out.2.bias": np.zeros(4, np.float32)},
+        tmp_path / "odd.safetensors",
+    )
     report = inspect_json(capsys, tmp_path / "odd.safetensors")
     assert report["unknown_keys"] == ["model_ema.decay"]
     assert report["variant"] == "unknown" and "sentinel" in report["variant_reason"]
@@ -173,6 +178,7 @@ def test_inspect_unknown_keys_and_unknown_variant(capsys, tmp_path):
 
 
 # --- diff -------------------------------------------------------------------------------------------------------------
+
 
 def diff_json(capsys, a: Path, b: Path, *extra: str) -> tuple[int, dict]:
     rc, out, err = run(capsys, "diff", a, b, "-q", "--json", "-", *extra)
@@ -187,7 +193,8 @@ def test_diff_identical_across_layouts(capsys, files, tiny_base):
         assert report["differences"] == [] and report["only_in_a"] == [] and report["only_in_b"] == []
     rc, report = diff_json(capsys, files["base_sd"], files["base_ckpt"])
     assert [item["key"] for item in report["not_comparable"]] == [
-        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"]
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+    ]
     rc, out, _ = run(capsys, "diff", tiny_base, files["base_ckpt"], "-q")
     assert rc == 0 and out.rstrip().endswith("result: identical (2514 tensors compared)")
 

@@ -1,5 +1,5 @@
 """Keymaps: the checked-in YAMLs are a fresh generation, the MindSpore names are mindone's published lists (with
-the one documented correction), the rename rules do what SDXL_FORMATS.md section 3 says, variants are detected."""
+the one documented correction), the rename rules do what keymaps/sd_ms.py says, variants are detected."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 
 from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.keymaps import KEYMAP_DIR, VARIANTS, load_keymap
-from sdxl_ckpt.keymaps.detect import BASE_SENTINEL, COND_PROJ_KEY, REFINER_SENTINEL, detect_variant
 from sdxl_ckpt.keymaps.mindone import check_lists, export_lists, read_list
 from sdxl_ckpt.keymaps.sd_ms import RULES, sd_to_ms_name
+from sdxl_ckpt.sdxl.detect import BASE_SENTINEL, COND_PROJ_KEY, REFINER_SENTINEL, detect_variant
 
 MINDONE = Path(__file__).parent / "data" / "mindone"
-# mindone's stored base list spells the CLIP-L token embedding wrong (SDXL_FORMATS.md section 3); ours is corrected
+# mindone's stored base list spells the CLIP-L token embedding wrong; ours is corrected
 MINDONE_MALFORMED = "conditioner.embedders.1.model.token_embedding..embedding_table"
 CORRECTED = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.embedding_table"
 
@@ -51,8 +51,9 @@ def test_base_equals_mindone_except_the_corrected_key():
     assert set(theirs) - set(ours) == {MINDONE_MALFORMED}
     assert set(ours) - set(theirs) == {CORRECTED}
     assert theirs[MINDONE_MALFORMED] == ours[CORRECTED] == (49408, 768)
-    assert {k: v for k, v in theirs.items() if k != MINDONE_MALFORMED} == {k: v for k, v in ours.items()
-                                                                            if k != CORRECTED}
+    assert {k: v for k, v in theirs.items() if k != MINDONE_MALFORMED} == {
+        k: v for k, v in ours.items() if k != CORRECTED
+    }
 
 
 def test_lcm_equals_mindone_lcm_list():
@@ -94,34 +95,44 @@ def test_cli_export(tmp_path, capsys):
     capsys.readouterr()
 
 
-U, V, L, G = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.text_model.",
-              "conditioner.embedders.1.model.")
+U, V, L, G = (
+    "model.diffusion_model.",
+    "first_stage_model.",
+    "conditioner.embedders.0.transformer.text_model.",
+    "conditioner.embedders.1.model.",
+)
 
 
-@pytest.mark.parametrize("sd,ms", [
-    (U + "input_blocks.1.0.in_layers.0.weight", U + "input_blocks.1.0.in_layers.0.gamma"),
-    (U + "input_blocks.1.0.in_layers.2.weight", U + "input_blocks.1.0.in_layers.2.weight"),
-    (U + "out.0.bias", U + "out.0.beta"),
-    (U + "out.2.bias", U + "out.2.bias"),
-    (U + "input_blocks.4.1.norm.weight", U + "input_blocks.4.1.norm.gamma"),
-    (U + "input_blocks.4.1.transformer_blocks.0.norm3.bias", U + "input_blocks.4.1.transformer_blocks.0.norm3.beta"),
-    (U + "input_blocks.4.1.proj_out.weight", U + "input_blocks.4.1.proj_out.weight"),
-    (V + "encoder.norm_out.bias", V + "encoder.norm_out.beta"),
-    (V + "decoder.mid.attn_1.norm.weight", V + "decoder.mid.attn_1.norm.gamma"),
-    (V + "decoder.mid.attn_1.proj_out.weight", V + "decoder.mid.attn_1.proj_out.weight"),
-    (G + "ln_final.weight", G + "ln_final.gamma"),
-    (G + "transformer.resblocks.3.ln_2.bias", G + "transformer.resblocks.3.ln_2.beta"),
-    (G + "token_embedding.weight", G + "token_embedding.embedding_table"),
-    (G + "positional_embedding", G + "positional_embedding"),
-    (G + "text_projection", G + "text_projection"),
-    (G + "logit_scale", G + "logit_scale"),
-    (L + "embeddings.position_embedding.weight", L + "embeddings.position_embedding.embedding_table"),
-    (L + "embeddings.token_embedding.weight", CORRECTED),
-    (L + "encoder.layers.0.layer_norm1.weight", L + "encoder.layers.0.layer_norm1.gamma"),
-    (L + "final_layer_norm.bias", L + "final_layer_norm.beta"),
-    (COND_PROJ_KEY, COND_PROJ_KEY),
-    (L + "embeddings.position_ids", None),
-])
+@pytest.mark.parametrize(
+    "sd,ms",
+    [
+        (U + "input_blocks.1.0.in_layers.0.weight", U + "input_blocks.1.0.in_layers.0.gamma"),
+        (U + "input_blocks.1.0.in_layers.2.weight", U + "input_blocks.1.0.in_layers.2.weight"),
+        (U + "out.0.bias", U + "out.0.beta"),
+        (U + "out.2.bias", U + "out.2.bias"),
+        (U + "input_blocks.4.1.norm.weight", U + "input_blocks.4.1.norm.gamma"),
+        (
+            U + "input_blocks.4.1.transformer_blocks.0.norm3.bias",
+            U + "input_blocks.4.1.transformer_blocks.0.norm3.beta",
+        ),
+        (U + "input_blocks.4.1.proj_out.weight", U + "input_blocks.4.1.proj_out.weight"),
+        (V + "encoder.norm_out.bias", V + "encoder.norm_out.beta"),
+        (V + "decoder.mid.attn_1.norm.weight", V + "decoder.mid.attn_1.norm.gamma"),
+        (V + "decoder.mid.attn_1.proj_out.weight", V + "decoder.mid.attn_1.proj_out.weight"),
+        (G + "ln_final.weight", G + "ln_final.gamma"),
+        (G + "transformer.resblocks.3.ln_2.bias", G + "transformer.resblocks.3.ln_2.beta"),
+        (G + "token_embedding.weight", G + "token_embedding.embedding_table"),
+        (G + "positional_embedding", G + "positional_embedding"),
+        (G + "text_projection", G + "text_projection"),
+        (G + "logit_scale", G + "logit_scale"),
+        (L + "embeddings.position_embedding.weight", L + "embeddings.position_embedding.embedding_table"),
+        (L + "embeddings.token_embedding.weight", CORRECTED),
+        (L + "encoder.layers.0.layer_norm1.weight", L + "encoder.layers.0.layer_norm1.gamma"),
+        (L + "final_layer_norm.bias", L + "final_layer_norm.beta"),
+        (COND_PROJ_KEY, COND_PROJ_KEY),
+        (L + "embeddings.position_ids", None),
+    ],
+)
 def test_rules(sd, ms):
     assert sd_to_ms_name(sd)[0] == ms
 

@@ -17,11 +17,11 @@ import pytest
 pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
-from sdxl_ckpt.convert.ckpt_io import scan_ckpt, write_ckpt  # noqa: E402
 from sdxl_ckpt.convert.diffusers_to_sd import convert_diffusers_to_sd  # noqa: E402
-from sdxl_ckpt.convert.safetensors_io import read_safetensors  # noqa: E402
 from sdxl_ckpt.convert.sd_ms import st_to_ms  # noqa: E402
 from sdxl_ckpt.errors import InputError, KeyMismatchError  # noqa: E402
+from sdxl_ckpt.formats.ckpt_io import scan_ckpt, write_ckpt  # noqa: E402
+from sdxl_ckpt.formats.safetensors_io import read_safetensors  # noqa: E402
 from sdxl_ckpt.sdxl_runtime.api import SDXLRuntime  # noqa: E402
 from sdxl_ckpt.sdxl_runtime.config import SDXLConfig, from_metadata  # noqa: E402
 
@@ -50,8 +50,13 @@ def _convert(folder: Path, out: Path, unet_dir: Path | None = None) -> Converted
     convert_diffusers_to_sd(folder, sd, unet_dir=unet_dir, overwrite=True)
     st_to_ms(sd, out / "ms.ckpt", overwrite=True)
     st_to_ms(sd, out / "ms.safetensors", fmt="safetensors", overwrite=True)
-    return Converted(folder, unet_dir or folder / "unet", out / "ms.ckpt", out / "ms.safetensors",
-                     from_metadata(read_safetensors(sd).metadata))
+    return Converted(
+        folder,
+        unet_dir or folder / "unet",
+        out / "ms.ckpt",
+        out / "ms.safetensors",
+        from_metadata(read_safetensors(sd).metadata),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +91,7 @@ def token_ids(seed: int, pad: int) -> np.ndarray:
     ids = np.full((BATCH, 77), pad, dtype=np.int64)
     for row, n in enumerate((5, 40)[:BATCH]):
         ids[row, 0], ids[row, n + 1] = BOS, EOS
-        ids[row, 1:n + 1] = rng.integers(1, 512, n)
+        ids[row, 1 : n + 1] = rng.integers(1, 512, n)
     return ids
 
 
@@ -98,6 +103,7 @@ AESTHETIC = np.array([[6.0], [2.5]], np.float32)[:BATCH]
 
 
 # --- strict loading ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["base", "refiner", "lcm_cp"])
 def test_tiny_ckpt_loads_with_no_missing_or_unexpected_key(name: str, request: pytest.FixtureRequest) -> None:
@@ -122,8 +128,9 @@ def test_ckpt_without_config_is_refused(base: Converted) -> None:
         SDXLRuntime.from_checkpoint(base.ckpt)
 
 
-def _edited(src: Path, out: Path, rename: dict[str, str] | None = None, drop: tuple[str, ...] = (),
-            reshape: str | None = None) -> Path:
+def _edited(
+    src: Path, out: Path, rename: dict[str, str] | None = None, drop: tuple[str, ...] = (), reshape: str | None = None
+) -> Path:
     entries = []
     for e in scan_ckpt(src).entries:
         if e.name in drop:
@@ -158,8 +165,9 @@ def test_shape_mismatch_and_foreign_keys_are_refused(base: Converted, tmp_path: 
 
 def test_missing_logit_scale_is_fitted_but_missing_weights_are_not(base: Converted, tmp_path: Path) -> None:
     logit = "conditioner.embedders.1.model.logit_scale"
-    rt = SDXLRuntime.from_checkpoint(_edited(base.ckpt, tmp_path / "nologit.ckpt", drop=(logit,)), base.config,
-                                     components=("conditioner",))
+    rt = SDXLRuntime.from_checkpoint(
+        _edited(base.ckpt, tmp_path / "nologit.ckpt", drop=(logit,)), base.config, components=("conditioner",)
+    )
     assert logit not in rt.net.named_params() and rt.notes == ["OpenCLIP logit_scale absent in the file"]
     gone = "conditioner.embedders.1.model.ln_final.beta"
     with pytest.raises(KeyMismatchError) as err:
@@ -168,6 +176,7 @@ def test_missing_logit_scale_is_fitted_but_missing_weights_are_not(base: Convert
 
 
 # --- agreement with diffusers / transformers ----------------------------------------------------------------------
+
 
 def _text_reference(folder: Path, refiner: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -195,8 +204,15 @@ def test_text_encoders_agree_with_transformers(name: str, request: pytest.Fixtur
     assert rel_l2(pooled, ref_pooled) < RTOL
 
 
-def _unet_reference(conv: Converted, x: np.ndarray, t: np.ndarray, context: np.ndarray, pooled: np.ndarray,
-                    time_ids: np.ndarray, timestep_cond: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _unet_reference(
+    conv: Converted,
+    x: np.ndarray,
+    t: np.ndarray,
+    context: np.ndarray,
+    pooled: np.ndarray,
+    time_ids: np.ndarray,
+    timestep_cond: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """diffusers' eps and the y it builds internally (input of add_embedding) for the same inputs."""
     from diffusers import UNet2DConditionModel
 
@@ -205,9 +221,13 @@ def _unet_reference(conv: Converted, x: np.ndarray, t: np.ndarray, context: np.n
     unet.add_embedding.register_forward_hook(lambda _m, args, _o: seen.update(y=args[0].numpy().copy()))
     kwargs = {} if timestep_cond is None else {"timestep_cond": torch.from_numpy(timestep_cond)}
     with torch.no_grad():
-        eps = unet(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(context),
-                   added_cond_kwargs={"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)},
-                   **kwargs).sample.numpy()
+        eps = unet(
+            torch.from_numpy(x),
+            torch.from_numpy(t),
+            encoder_hidden_states=torch.from_numpy(context),
+            added_cond_kwargs={"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)},
+            **kwargs,
+        ).sample.numpy()
     return eps, seen["y"]
 
 
@@ -220,8 +240,15 @@ def test_conditioning_and_one_unet_evaluation_agree_with_diffusers(name: str, re
     clip_l = None if refiner else rng.standard_normal((BATCH, 77, rt.config.clip_l.hidden_size)).astype(np.float32)
     hidden = rng.standard_normal((BATCH, 77, rt.config.openclip.hidden_size)).astype(np.float32)
     pooled = rng.standard_normal((BATCH, rt.config.openclip.projection_dim)).astype(np.float32)
-    context, y = rt.conditioning(clip_l, hidden, pooled, original_size=ORIG, crop_coords_top_left=CROP,
-                                 target_size=TARGET, aesthetic_score=AESTHETIC)
+    context, y = rt.conditioning(
+        clip_l,
+        hidden,
+        pooled,
+        original_size=ORIG,
+        crop_coords_top_left=CROP,
+        target_size=TARGET,
+        aesthetic_score=AESTHETIC,
+    )
     time_ids = np.concatenate([ORIG, CROP, AESTHETIC if refiner else TARGET], axis=1)
     x = rng.standard_normal((BATCH, 4, 16, 16)).astype(np.float32)
     t = np.array([999, 261][:BATCH], dtype=np.int64)
@@ -230,8 +257,9 @@ def test_conditioning_and_one_unet_evaluation_agree_with_diffusers(name: str, re
         from diffusers import StableDiffusionXLPipeline
 
         w_cond = rt.guidance_embedding(np.array([8.0, 3.0][:BATCH]), BATCH)
-        ref_w = StableDiffusionXLPipeline.get_guidance_scale_embedding(None, torch.tensor([7.0, 2.0][:BATCH]),
-                                                                       embedding_dim=16).numpy()
+        ref_w = StableDiffusionXLPipeline.get_guidance_scale_embedding(
+            None, torch.tensor([7.0, 2.0][:BATCH]), embedding_dim=16
+        ).numpy()
         assert rel_l2(w_cond, ref_w) < RTOL
     ref_eps, ref_y = _unet_reference(conv, x, t, context, pooled, time_ids, w_cond)
     assert context.shape == (BATCH, 77, rt.config.unet.context_dim)

@@ -13,10 +13,11 @@ import pytest
 
 from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.keymaps import load_keymap
+from sdxl_ckpt.sdxl.configs import full_configs
 from sdxl_ckpt.sdxl_runtime import config as C
 from sdxl_ckpt.sdxl_runtime.device import Runtime, configure
 from sdxl_ckpt.sdxl_runtime.model import SDXLNet
-from sdxl_ckpt.tiny_model import full_configs, tiny_configs
+from sdxl_ckpt.testmodels.tiny import tiny_configs, tiny_runtime_config
 
 # published parameter counts of SDXL 1.0 (diffusers' num_parameters(); OpenCLIP + logit_scale)
 UNET_BASE_PARAMS = 2_567_463_684
@@ -54,12 +55,16 @@ def test_full_size_base_parameter_counts() -> None:
     for name, p in net.named_params().items():
         part = name.split(".")[0] if not name.startswith("conditioner") else ".".join(name.split(".")[:3])
         count[part] = count.get(part, 0) + math.prod(p.shape)
-    assert count == {"model": UNET_BASE_PARAMS, "first_stage_model": VAE_PARAMS,
-                     "conditioner.embedders.0": CLIP_L_PARAMS, "conditioner.embedders.1": OPENCLIP_G_PARAMS}
+    assert count == {
+        "model": UNET_BASE_PARAMS,
+        "first_stage_model": VAE_PARAMS,
+        "conditioner.embedders.0": CLIP_L_PARAMS,
+        "conditioner.embedders.1": OPENCLIP_G_PARAMS,
+    }
 
 
 def test_fp16_runtime_creates_half_parameters_but_keeps_the_vae_in_fp32() -> None:
-    net = SDXLNet(C.tiny("base"), Runtime("CPU", "fp16"))
+    net = SDXLNet(tiny_runtime_config("base"), Runtime("CPU", "fp16"))
     dtypes = {name.split(".")[0]: str(p.dtype) for name, p in net.named_params().items()}
     assert dtypes == {"model": "Float16", "conditioner": "Float16", "first_stage_model": "Float32"}
 
@@ -85,10 +90,13 @@ def test_fp16_compute_path_stays_close_to_fp32() -> None:
 
     from mindspore import Tensor
 
-    cfg = C.tiny("base")
-    cfg = replace(cfg, unet=replace(cfg.unet, transformer_depth=(1, 1, 1), transformer_depth_up=(1, 1, 1),
-                                    transformer_depth_middle=1),
-                  clip_l=replace(cfg.clip_l, num_layers=2), openclip=replace(cfg.openclip, num_layers=2))
+    cfg = tiny_runtime_config("base")
+    cfg = replace(
+        cfg,
+        unet=replace(cfg.unet, transformer_depth=(1, 1, 1), transformer_depth_up=(1, 1, 1), transformer_depth_middle=1),
+        clip_l=replace(cfg.clip_l, num_layers=2),
+        openclip=replace(cfg.openclip, num_layers=2),
+    )
     nets = {dtype: _filled(cfg, dtype) for dtype in ("fp32", "fp16")}
     ids = np.zeros((1, 77), np.int64)
     ids[0, :4] = [512, 40, 41, 513]
@@ -105,13 +113,14 @@ def test_fp16_compute_path_stays_close_to_fp32() -> None:
 
 
 def test_components_subset_builds_only_those() -> None:
-    names = SDXLNet(C.tiny("base"), components=("vae",)).named_params()
+    names = SDXLNet(tiny_runtime_config("base"), components=("vae",)).named_params()
     assert names and all(n.startswith("first_stage_model.") for n in names)
     with pytest.raises(InputError):
-        SDXLNet(C.tiny("base"), components=("unet", "text"))
+        SDXLNet(tiny_runtime_config("base"), components=("unet", "text"))
 
 
 # --- configs --------------------------------------------------------------------------------------------------
+
 
 def test_preset_numbers_are_sdxl() -> None:
     base, refiner = C.preset("base"), C.preset("refiner")
@@ -138,8 +147,15 @@ def test_from_metadata_reads_json_configs() -> None:
         C.from_metadata(meta)
 
 
-@pytest.mark.parametrize("key,value", [("use_linear_projection", False), ("mid_block_type", "UNetMidBlock2D"),
-                                       ("addition_embed_type", "text"), ("flip_sin_to_cos", False)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("use_linear_projection", False),
+        ("mid_block_type", "UNetMidBlock2D"),
+        ("addition_embed_type", "text"),
+        ("flip_sin_to_cos", False),
+    ],
+)
 def test_unsupported_unet_options_are_refused(key: str, value: object) -> None:
     configs = full_configs("base")
     configs["unet"][key] = value
@@ -166,6 +182,7 @@ def test_runtime_options_are_validated() -> None:
 
 
 # --- kernels against closed forms -------------------------------------------------------------------------------
+
 
 def _closed_form_embedding(t: np.ndarray, dim: int) -> np.ndarray:
     half = dim // 2
@@ -207,15 +224,17 @@ def _conv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pa
     out = np.zeros((x.shape[0], w.shape[0], ho, wo))
     for i in range(k):
         for j in range(k):
-            patch = xp[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+            patch = xp[:, :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
             out += np.einsum("oc,bchw->bohw", w[:, :, i, j], patch)
     return out + b[None, :, None, None]
 
 
-@pytest.mark.parametrize("kernel,stride,pad,chunk", [(3, 1, 1, None), (3, 2, 1, None), (3, 2, 0, None),
-                                                     (1, 1, 0, None), (3, 1, 1, 4096)])
-def test_cpu_convolution_equals_the_definition(monkeypatch: pytest.MonkeyPatch, kernel: int, stride: int, pad: int,
-                                               chunk: int | None) -> None:
+@pytest.mark.parametrize(
+    "kernel,stride,pad,chunk", [(3, 1, 1, None), (3, 2, 1, None), (3, 2, 0, None), (1, 1, 0, None), (3, 1, 1, 4096)]
+)
+def test_cpu_convolution_equals_the_definition(
+    monkeypatch: pytest.MonkeyPatch, kernel: int, stride: int, pad: int, chunk: int | None
+) -> None:
     from mindspore import Tensor
 
     from sdxl_ckpt.sdxl_runtime import layers

@@ -11,8 +11,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sdxl_ckpt.cli import main
-from sdxl_ckpt.convert.ckpt_io import scan_ckpt
 from sdxl_ckpt.convert.sd_ms import check_against_keymap
+from sdxl_ckpt.formats.ckpt_io import scan_ckpt
 from sdxl_ckpt.keymaps import load_keymap
 from sdxl_ckpt.keymaps.mindone import format_shape
 from sdxl_ckpt.keymaps.sd_ms import sd_to_ms_name
@@ -37,8 +37,9 @@ def sd_files(tmp_path_factory, tiny_base, tiny_refiner, tiny_lcm, tiny_lcm_cond_
         "base": _to_sd(tiny_base, folder / "base.safetensors"),
         "refiner": _to_sd(tiny_refiner, folder / "refiner.safetensors"),
         "lcm": _to_sd(tiny_lcm, folder / "lcm.safetensors", unet_dir=tiny_lcm / "lcm-unet", lcm=True),
-        "lcm_cond_proj": _to_sd(tiny_lcm_cond_proj, folder / "lcm_cp.safetensors",
-                                unet_dir=tiny_lcm_cond_proj / "lcm-unet"),
+        "lcm_cond_proj": _to_sd(
+            tiny_lcm_cond_proj, folder / "lcm_cp.safetensors", unet_dir=tiny_lcm_cond_proj / "lcm-unet"
+        ),
     }
 
 
@@ -48,8 +49,9 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:
     return rc, captured.out, captured.err
 
 
-@pytest.mark.parametrize("name,variant", [("base", "base"), ("refiner", "refiner"), ("lcm", "lcm"),
-                                          ("lcm_cond_proj", "lcm")])
+@pytest.mark.parametrize(
+    "name,variant", [("base", "base"), ("refiner", "refiner"), ("lcm", "lcm"), ("lcm_cond_proj", "lcm")]
+)
 def test_round_trip_bit_for_bit(sd_files, tmp_path, capsys, name, variant):
     sd = sd_files[name]
     ckpt, back = tmp_path / "m.ckpt", tmp_path / "back.safetensors"
@@ -64,8 +66,7 @@ def test_round_trip_bit_for_bit(sd_files, tmp_path, capsys, name, variant):
         assert restored[key].dtype == array.dtype and restored[key].shape == array.shape, key
         assert restored[key].tobytes() == array.tobytes(), key
     if variant != "refiner":
-        assert restored[POSITION_IDS].dtype == np.int64 and np.array_equal(restored[POSITION_IDS],
-                                                                             np.arange(77)[None])
+        assert restored[POSITION_IDS].dtype == np.int64 and np.array_equal(restored[POSITION_IDS], np.arange(77)[None])
     if name == "lcm_cond_proj":
         assert COND_PROJ in restored
 
@@ -87,12 +88,14 @@ def test_strict_load_into_net(sd_files, tmp_path, capsys):
     class Net(ms.nn.Cell):
         def __init__(self, specs):
             super().__init__()
-            self.weights = ms.ParameterTuple([ms.Parameter(ms.Tensor(np.zeros(shape, dtype)), name=name)
-                                              for name, (shape, dtype) in specs.items()])
+            self.weights = ms.ParameterTuple(
+                [ms.Parameter(ms.Tensor(np.zeros(shape, dtype)), name=name) for name, (shape, dtype) in specs.items()]
+            )
 
     keymap = load_keymap("base")
-    net = Net({keymap.sd_to_ms[k]: (a.shape, a.dtype) for k, a in load_file(sd_files["base"]).items()
-               if k in keymap.sd_to_ms})
+    net = Net(
+        {keymap.sd_to_ms[k]: (a.shape, a.dtype) for k, a in load_file(sd_files["base"]).items() if k in keymap.sd_to_ms}
+    )
     not_loaded, unused = ms.load_param_into_net(net, loaded, strict_load=True)
     assert not_loaded == [] and unused == []
     for param in net.get_parameters():
@@ -126,14 +129,20 @@ def _faulty(sd: Path, tmp_path: Path, edit) -> Path:
 
 
 FAULTS = {
-    "shape changed": ("model.diffusion_model.input_blocks.4.1.proj_in.weight",
-                      lambda t, k: t.__setitem__(k, np.zeros((t[k].shape[0], t[k].shape[1] + 1), np.float32))),
-    "key renamed": ("model.diffusion_model.output_blocks.2.2.conv.weight",
-                    lambda t, k: t.__setitem__("model.diffusion_model.output_blocks.2.2.conv.weights", t.pop(k))),
+    "shape changed": (
+        "model.diffusion_model.input_blocks.4.1.proj_in.weight",
+        lambda t, k: t.__setitem__(k, np.zeros((t[k].shape[0], t[k].shape[1] + 1), np.float32)),
+    ),
+    "key renamed": (
+        "model.diffusion_model.output_blocks.2.2.conv.weight",
+        lambda t, k: t.__setitem__("model.diffusion_model.output_blocks.2.2.conv.weights", t.pop(k)),
+    ),
     "key missing": ("first_stage_model.decoder.up.3.block.2.norm2.bias", lambda t, k: t.pop(k)),
     "extra key": ("model.diffusion_model.extra.weight", lambda t, k: t.__setitem__(k, np.ones(3, np.float32))),
-    "integer weight": ("conditioner.embedders.1.model.ln_final.weight",
-                       lambda t, k: t.__setitem__(k, t[k].astype(np.int32))),
+    "integer weight": (
+        "conditioner.embedders.1.model.ln_final.weight",
+        lambda t, k: t.__setitem__(k, t[k].astype(np.int32)),
+    ),
 }
 
 
@@ -162,7 +171,8 @@ def test_full_size_shapes_checked_exactly():
     shapes[key] = (1280, 1280)
     shapes["model.diffusion_model.label_emb.0.0.weight"] = (1280, 2817)
     assert [k for k, _m in check_against_keymap(shapes, dtypes, keymap).problems] == [
-        "model.diffusion_model.label_emb.0.0.weight"]
+        "model.diffusion_model.label_emb.0.0.weight"
+    ]
 
 
 def test_ms_to_st_rejects_foreign_and_corrupt(sd_files, tmp_path, capsys):
@@ -210,8 +220,9 @@ LIST_FAULTS = {
     "malformed": lambda t, m: m.__setitem__(_weight_line(m), m[_weight_line(m)].replace(".weight", "..weight")),
     "shape column": lambda t, m: t.__setitem__(3, t[3].split(":")[0] + ":(7, 7)"),
     "paired by position": lambda t, m: _swap(m, 10, 11),
-    "rename against the rules": lambda t, m: m.__setitem__(_weight_line(m), m[_weight_line(m)].replace(".weight",
-                                                                                                        ".gamma")),
+    "rename against the rules": lambda t, m: m.__setitem__(
+        _weight_line(m), m[_weight_line(m)].replace(".weight", ".gamma")
+    ),
     "count": lambda t, m: m.pop(),
 }
 
@@ -219,8 +230,9 @@ LIST_FAULTS = {
 def test_mindone_lists_accepted_when_right(sd_files, tmp_path, capsys):
     torch_list, ms_list = _lists(sd_files["base"], tmp_path)
     with_lists, plain = tmp_path / "lists.ckpt", tmp_path / "plain.ckpt"
-    rc, _out, err = _run(["st-to-ms", sd_files["base"], "-o", with_lists, "-q", "--key-torch", torch_list,
-                          "--key-ms", ms_list], capsys)
+    rc, _out, err = _run(
+        ["st-to-ms", sd_files["base"], "-o", with_lists, "-q", "--key-torch", torch_list, "--key-ms", ms_list], capsys
+    )
     assert rc == 0, err
     assert _run(["st-to-ms", sd_files["base"], "-o", plain, "-q"], capsys)[0] == 0
     assert with_lists.read_bytes() == plain.read_bytes()
@@ -230,11 +242,17 @@ def test_mindone_lists_accepted_when_right(sd_files, tmp_path, capsys):
 def test_mindone_lists_checked(sd_files, tmp_path, capsys, fault):
     torch_list, ms_list = _lists(sd_files["base"], tmp_path, LIST_FAULTS[fault])
     out = tmp_path / "out.ckpt"
-    rc, _out, err = _run(["st-to-ms", sd_files["base"], "-o", out, "-q", "--key-torch", torch_list,
-                          "--key-ms", ms_list], capsys)
+    rc, _out, err = _run(
+        ["st-to-ms", sd_files["base"], "-o", out, "-q", "--key-torch", torch_list, "--key-ms", ms_list], capsys
+    )
     assert rc == 2 and not out.exists()
-    assert {"malformed": "malformed name", "shape column": "list says [7, 7]", "paired by position": "pairs it with",
-            "rename against the rules": "the rename rules give", "count": "paired line by line"}[fault] in err, err
+    assert {
+        "malformed": "malformed name",
+        "shape column": "list says [7, 7]",
+        "paired by position": "pairs it with",
+        "rename against the rules": "the rename rules give",
+        "count": "paired line by line",
+    }[fault] in err, err
 
 
 def test_detection_notes_and_errors(sd_files, tmp_path, capsys):
@@ -246,7 +264,10 @@ def test_detection_notes_and_errors(sd_files, tmp_path, capsys):
     refiner_as_base = tmp_path / "c.ckpt"
     rc, _out, err = _run(["st-to-ms", sd_files["refiner"], "-o", refiner_as_base, "-q", "--keys", "base"], capsys)
     assert rc == 2 and "missing" in err and not refiner_as_base.exists()
-    neither = _faulty(sd_files["refiner"], tmp_path,
-                      lambda t: t.pop("conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias"))
+    neither = _faulty(
+        sd_files["refiner"],
+        tmp_path,
+        lambda t: t.pop("conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias"),
+    )
     rc, _out, err = _run(["st-to-ms", neither, "-o", tmp_path / "d.ckpt", "-q"], capsys)
     assert rc == 2 and "sentinel" in err

@@ -18,14 +18,10 @@ pytest.importorskip("diffusers")
 from safetensors import safe_open  # noqa: E402
 
 from sdxl_ckpt.cli import main  # noqa: E402
-from sdxl_ckpt.full_model import meta_model  # noqa: E402
-from sdxl_ckpt.tiny_model import (  # noqa: E402
-    FULL_CONFIGS,
-    build_tiny_model,
-    byte_level_vocab,
-    full_configs,
-    tiny_configs,
-)
+from sdxl_ckpt.sdxl.configs import FULL_CONFIGS, full_configs  # noqa: E402
+from sdxl_ckpt.sdxl.tokenizers import byte_level_vocab  # noqa: E402
+from sdxl_ckpt.testmodels.full import meta_model  # noqa: E402
+from sdxl_ckpt.testmodels.tiny import build_tiny_model, tiny_configs  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -53,10 +49,14 @@ def real_keys() -> dict[tuple[str, str], set[str]]:
 
 # --- structure ------------------------------------------------------------------------------------------------
 
+
 def test_real_configs_give_the_published_sizes():
     """FULL_CONFIGS reproduce the published SDXL parameter counts (names and shapes, meta device)."""
-    counts = {(v, c): sum(p.numel() for p in meta_model(c, cfg).parameters())
-              for v, comps in FULL_CONFIGS.items() for c, cfg in comps.items()}
+    counts = {
+        (v, c): sum(p.numel() for p in meta_model(c, cfg).parameters())
+        for v, comps in FULL_CONFIGS.items()
+        for c, cfg in comps.items()
+    }
     assert counts[("base", "unet")] == 2_567_463_684
     assert counts[("base", "vae")] == 83_653_863
     assert counts[("base", "text_encoder")] == 123_060_480
@@ -95,16 +95,28 @@ def test_tiny_lcm_unets(tiny_lcm, tiny_lcm_cond_proj, real_keys):
         assert handle.get_slice("time_embedding.cond_proj.weight").get_shape() == [32, 16]
     # the distilled UNet has other weights than the pipeline's own UNet
     name = "conv_in.weight"
-    with safe_open(str(tiny_lcm / "unet" / "diffusion_pytorch_model.safetensors"), "np") as a, \
-            safe_open(str(tiny_lcm / "lcm-unet" / "diffusion_pytorch_model.safetensors"), "np") as b:
+    with (
+        safe_open(str(tiny_lcm / "unet" / "diffusion_pytorch_model.safetensors"), "np") as a,
+        safe_open(str(tiny_lcm / "lcm-unet" / "diffusion_pytorch_model.safetensors"), "np") as b,
+    ):
         assert not np.array_equal(a.get_tensor(name), b.get_tensor(name))
 
 
 def test_tiny_configs_only_shrink_widths():
     """Tiny configs differ from the real ones only in width/size fields, never in structure."""
-    width_keys = {"block_out_channels", "attention_head_dim", "cross_attention_dim", "addition_time_embed_dim",
-                  "projection_class_embeddings_input_dim", "sample_size", "hidden_size", "intermediate_size",
-                  "num_attention_heads", "projection_dim", "vocab_size"}
+    width_keys = {
+        "block_out_channels",
+        "attention_head_dim",
+        "cross_attention_dim",
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
+        "sample_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "projection_dim",
+        "vocab_size",
+    }
     for variant in ("base", "refiner"):
         full, tiny = full_configs(variant), tiny_configs(variant)
         assert full.keys() == tiny.keys()
@@ -117,9 +129,12 @@ def test_tiny_configs_only_shrink_widths():
 
 # --- weights --------------------------------------------------------------------------------------------------
 
+
 def _weight_files(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*.safetensors"))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*.safetensors"))
+    }
 
 
 def test_same_seed_gives_identical_bytes(tiny_base, tmp_path):
@@ -140,8 +155,11 @@ def test_every_tensor_is_distinct_and_non_constant(tiny_base):
     """No tensor left at its init constant (norm ones, zero biases): a swapped tensor must change outputs."""
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
         seen: dict[str, str] = {}
-        path = tiny_base / component / ("model.safetensors" if "text" in component
-                                        else "diffusion_pytorch_model.safetensors")
+        path = (
+            tiny_base
+            / component
+            / ("model.safetensors" if "text" in component else "diffusion_pytorch_model.safetensors")
+        )
         with safe_open(str(path), "np") as handle:
             for key in handle.keys():
                 arr = handle.get_tensor(key)
@@ -160,8 +178,15 @@ def test_text_projection_orientation(tiny_base):
 
 
 def test_fp16_variant_sharded_flat_clip(tmp_path, real_keys):
-    out = build_tiny_model("lcm", tmp_path / "v", seed=2, cond_proj=True, variant_fp16=True,
-                           unet_max_shard_size="20MB", clip_flat_keys=True)
+    out = build_tiny_model(
+        "lcm",
+        tmp_path / "v",
+        seed=2,
+        cond_proj=True,
+        variant_fp16=True,
+        unet_max_shard_size="20MB",
+        clip_flat_keys=True,
+    )
     assert (out / "text_encoder" / "model.fp16.safetensors").is_file()
     assert (out / "text_encoder_2" / "model.fp16.safetensors").is_file()
     assert (out / "vae" / "diffusion_pytorch_model.fp16.safetensors").is_file()
@@ -185,11 +210,14 @@ def test_fp16_variant_sharded_flat_clip(tmp_path, real_keys):
     assert pipe.unet.time_embedding.cond_proj.weight.dtype == torch.float16
     assert pipe.text_encoder.final_layer_norm.weight.dtype == torch.float16
     with safe_open(str(out / "text_encoder" / "model.fp16.safetensors"), "pt") as handle:
-        np.testing.assert_array_equal(handle.get_tensor("final_layer_norm.weight").numpy(),
-                                      pipe.text_encoder.final_layer_norm.weight.detach().numpy())
+        np.testing.assert_array_equal(
+            handle.get_tensor("final_layer_norm.weight").numpy(),
+            pipe.text_encoder.final_layer_norm.weight.detach().numpy(),
+        )
 
 
 # --- offline use by diffusers ---------------------------------------------------------------------------------
+
 
 def test_tokenizers_offline(tiny_base):
     from transformers import CLIPTokenizer
@@ -201,7 +229,7 @@ def test_tokenizers_offline(tiny_base):
     ids = tok("A cat!", padding="max_length", max_length=77, truncation=True).input_ids
     assert len(ids) == 77
     assert ids[0] == 512 and max(ids) == 513 and ids.index(513) == 1 + len("a") + len("cat") + len("!")
-    assert ids[ids.index(513):] == [513] * (77 - ids.index(513))  # tokenizer pads with <|endoftext|>
+    assert ids[ids.index(513) :] == [513] * (77 - ids.index(513))  # tokenizer pads with <|endoftext|>
     ids2 = tok2("A cat", padding="max_length", max_length=77).input_ids
     assert tok2.pad_token == "!" and tok2.pad_token_id == 0
     assert ids2[:5] == ids[:5] == [512, 320, 66, 64, 339]  # <sot> a</w> c a t</w>
@@ -211,8 +239,9 @@ def test_tokenizers_offline(tiny_base):
 
 def _generate(pipe, **kwargs):
     gen = torch.Generator().manual_seed(0)
-    image = pipe("a photo of a cat", num_inference_steps=1, height=32, width=32, output_type="np", generator=gen,
-                 **kwargs).images
+    image = pipe(
+        "a photo of a cat", num_inference_steps=1, height=32, width=32, output_type="np", generator=gen, **kwargs
+    ).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all() and float(image.std()) > 0.01
     return image
 
@@ -245,12 +274,19 @@ def test_refiner_pipeline_runs_offline(tiny_refiner):
     assert pipe.text_encoder is None and pipe.tokenizer is None
     assert pipe.config.requires_aesthetics_score is True
     image = np.random.default_rng(0).random((1, 32, 32, 3), dtype=np.float32)
-    out = pipe("a cat", image=image, num_inference_steps=2, strength=0.5, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images
+    out = pipe(
+        "a cat",
+        image=image,
+        num_inference_steps=2,
+        strength=0.5,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------
+
 
 def test_cli_tiny_model(tmp_path, tiny_refiner, capsys):
     out = tmp_path / "ref"
@@ -281,19 +317,21 @@ def test_cli_refuses_bad_requests(tmp_path, capsys):
     assert "model_index.json" in errs and "unknown variant" in errs and "lcm variant only" in errs
 
 
-
 # --- --full: the streaming random generator, run on the tiny configs through the same code path ----------------
 
+
 def test_full_generator_on_tiny_configs(tmp_path, tiny_base, monkeypatch, capsys):
-    from sdxl_ckpt import full_model
-    from sdxl_ckpt.convert.safetensors_io import read_safetensors
+    from sdxl_ckpt.formats.safetensors_io import read_safetensors
+    from sdxl_ckpt.testmodels import full as full_model
 
     # the CLI's --full path, with the real configs swapped for the tiny ones (no 7 GB in tests)
     monkeypatch.setattr(full_model, "full_configs", tiny_configs)
     out = tmp_path / "full"
     assert main(["tiny-model", "--variant", "base", "--full", "-o", str(out), "-q"]) == 0
-    files = {c: out / c / (("model" if "text" in c else "diffusion_pytorch_model") + ".fp16.safetensors")
-             for c in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    files = {
+        c: out / c / (("model" if "text" in c else "diffusion_pytorch_model") + ".fp16.safetensors")
+        for c in ("unet", "vae", "text_encoder", "text_encoder_2")
+    }
     for component, path in files.items():
         assert _file_keys(out / component) == _file_keys(tiny_base / component), component
         parsed = read_safetensors(path)
@@ -309,8 +347,12 @@ def test_full_generator_on_tiny_configs(tmp_path, tiny_base, monkeypatch, capsys
         emb = handle.get_tensor("text_model.embeddings.token_embedding.weight")
     assert ((gain >= 1) & (gain < 2)).all() and gain.std() > 0
     assert (np.abs(bias) < 1 / 32).all() and (np.abs(emb) >= 1 / 128).all() and emb.std() > 0.01
-    entries = {e.name: e for e in full_model.component_entries(
-        "text_encoder", full_model.meta_model("text_encoder", tiny_configs("base")["text_encoder"]), 0, "F16")}
+    entries = {
+        e.name: e
+        for e in full_model.component_entries(
+            "text_encoder", full_model.meta_model("text_encoder", tiny_configs("base")["text_encoder"]), 0, "F16"
+        )
+    }
     np.testing.assert_array_equal(entries["text_model.final_layer_norm.weight"].load(), gain)
     assert (json.loads((out / "text_encoder" / "config.json").read_text())["dtype"]) == "float16"
 
@@ -323,8 +365,9 @@ def test_full_generator_on_tiny_configs(tmp_path, tiny_base, monkeypatch, capsys
     # same seed -> same bytes; another seed -> other bytes
     again = full_model.build_full_model("base", tmp_path / "again", configs=tiny_configs("base"))
     assert _weight_files(again) == _weight_files(out)
-    other = full_model.build_full_model("refiner", tmp_path / "other", seed=1, variant_fp16=False,
-                                        configs=tiny_configs("refiner"))
+    other = full_model.build_full_model(
+        "refiner", tmp_path / "other", seed=1, variant_fp16=False, configs=tiny_configs("refiner")
+    )
     assert (other / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert read_safetensors(other / "vae" / "diffusion_pytorch_model.safetensors").entries[0].dtype == "F32"
     assert not (other / "text_encoder").exists()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from sdxl_ckpt.errors import CorruptFileError, InputError, OutputExistsError
+from sdxl_ckpt.formats.reference_npz import REQUIRED, Reference, load_reference, save_reference
 from sdxl_ckpt.verify.compare import Tolerances, compare, metrics, parse_overrides, to_uint8
-from sdxl_ckpt.verify.refdata import REQUIRED, Reference, load_reference, save_reference
 
 
 def test_metrics_closed_forms():

@@ -42,8 +42,10 @@ def assert_fails_at(rc: int, report: dict, out: str, stage: str) -> None:
 
 FAULTS = {
     "attn1 to_q/to_k swapped": (swap(BLOCK + "attn1.to_q.weight", BLOCK + "attn1.to_k.weight"), "unet.first"),
-    "GroupNorm gamma/beta swapped": (swap(UNET + "input_blocks.1.0.in_layers.0.gamma",
-                                          UNET + "input_blocks.1.0.in_layers.0.beta"), "unet.first"),
+    "GroupNorm gamma/beta swapped": (
+        swap(UNET + "input_blocks.1.0.in_layers.0.gamma", UNET + "input_blocks.1.0.in_layers.0.beta"),
+        "unet.first",
+    ),
     # a conv whose output feeds a GroupNorm directly is all but scale-invariant: the upsampler's is not
     "VAE decoder conv x1.01": ({VAE_CONV: lambda by: by[VAE_CONV].load() * np.float32(1.01)}, "vae.decode"),
 }

@@ -16,7 +16,7 @@ import verify_support as vs
 from verify_support import BASE_SIZE, REFINER_SIZE, convert, reference
 
 from sdxl_ckpt.cli import main
-from sdxl_ckpt.verify.refdata import load_reference
+from sdxl_ckpt.formats.reference_npz import load_reference
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -52,7 +52,14 @@ def test_base_euler(base_case, tmp_path, capsys):
     assert rc == 0
     assert_all_within(report, "euler", 4)
     assert [s["stage"] for s in report["stages"]][:7] == [
-        "schedule", "text_encoder_1", "text_encoder_2.hidden", "text_encoder_2.pooled", "context", "y", "unet.first"]
+        "schedule",
+        "text_encoder_1",
+        "text_encoder_2.hidden",
+        "text_encoder_2.pooled",
+        "context",
+        "y",
+        "unet.first",
+    ]
 
 
 def test_base_fp16_compute_on_cpu(base_case, tmp_path, capsys):
@@ -135,8 +142,22 @@ def test_verify_source_mode_runs_the_reference_in_process(tiny_base, tmp_path_fa
     """--source computes the reference now (torch present); a ckpt of another seed fails at once."""
     other = vs.seed1_ckpt(tmp_path_factory)
     saved = tmp_path / "saved.npz"
-    rc = main(["verify", str(other), "--source", str(tiny_base), "--height", "32", "--width", "32", "--fail-fast",
-               "--save-reference", str(saved), "--quiet"])
+    rc = main(
+        [
+            "verify",
+            str(other),
+            "--source",
+            str(tiny_base),
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--fail-fast",
+            "--save-reference",
+            str(saved),
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 1 and "first failing stage: text_encoder_1" in out
     assert load_reference(saved).settings["height"] == 32

@@ -39,7 +39,7 @@ def convert(folder: Path, out_dir: Path, name: str, unet_dir: Path | None = None
 
 
 def reference(src: Path, out: Path, **settings: Any) -> Path:
-    from sdxl_ckpt.verify.reference import run_reference
+    from sdxl_ckpt.reference.reference import run_reference
 
     run_reference(src, out, overwrite=True, quiet=True, **settings)
     return out
@@ -47,14 +47,16 @@ def reference(src: Path, out: Path, **settings: Any) -> Path:
 
 def plant(ckpt: Path, out: Path, edits: dict[str, Callable[[dict[str, Any]], np.ndarray]]) -> Path:
     """Copy ``ckpt`` record by record (KEYMAP's ckpt_io), replacing the named tensors by ``edit(entries)``."""
-    from sdxl_ckpt.convert.ckpt_io import scan_ckpt, write_ckpt
+    from sdxl_ckpt.formats.ckpt_io import scan_ckpt, write_ckpt
 
     entries = scan_ckpt(ckpt).entries
     by_name = {e.name: e for e in entries}
     missing = set(edits) - set(by_name)
     assert not missing, f"no such keys in {ckpt}: {missing}"
-    planted = [replace(e, loader=(lambda e=e: np.ascontiguousarray(edits[e.name](by_name))))
-               if e.name in edits else e for e in entries]
+    planted = [
+        replace(e, loader=(lambda e=e: np.ascontiguousarray(edits[e.name](by_name)))) if e.name in edits else e
+        for e in entries
+    ]
     write_ckpt(out, planted, overwrite=True)
     return out
 
@@ -112,7 +114,7 @@ def seed1_ckpt(tmp_path_factory: Any) -> Path:
     """The ckpt of a tiny base built with another seed (every weight differs): built once per session."""
 
     def build() -> Path:
-        from sdxl_ckpt.tiny_model import build_tiny_model
+        from sdxl_ckpt.testmodels.tiny import build_tiny_model
 
         out = tmp_path_factory.mktemp("seed1")
         return convert(build_tiny_model("base", out / "pipe", seed=1), out, "seed1")

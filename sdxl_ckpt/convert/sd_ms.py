@@ -23,22 +23,25 @@ from typing import Any
 
 import numpy as np
 
-from sdxl_ckpt.convert.atomic import check_output
-from sdxl_ckpt.convert.ckpt_io import scan_ckpt, verify_crc, write_ckpt
-from sdxl_ckpt.convert.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, cast_array, target_dtype
-from sdxl_ckpt.convert.entries import TensorEntry
-from sdxl_ckpt.convert.fastio import Background
-from sdxl_ckpt.convert.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.errors import InputError, KeyMismatchError
+from sdxl_ckpt.formats.atomic import check_output
+from sdxl_ckpt.formats.ckpt_io import scan_ckpt, verify_crc, write_ckpt
+from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, cast_array, target_dtype
+from sdxl_ckpt.formats.entries import TensorEntry
+from sdxl_ckpt.formats.fastio import Background
+from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.keymaps import VARIANTS, Keymap, KeySpec, load_keymap
-from sdxl_ckpt.keymaps.detect import Detection, detect_variant
 from sdxl_ckpt.keymaps.mindone import check_lists, read_list
+from sdxl_ckpt.sdxl.detect import Detection, detect_variant
 
 FORMATS = ("ckpt", "safetensors")
 KEY_CHOICES = ("auto", *VARIANTS)
 MAX_LISTED_PROBLEMS = 40
-ARCHITECTURE = {"base": "stable-diffusion-xl-v1-base", "lcm": "stable-diffusion-xl-v1-base",
-                "refiner": "stable-diffusion-xl-v1-refiner"}
+ARCHITECTURE = {
+    "base": "stable-diffusion-xl-v1-base",
+    "lcm": "stable-diffusion-xl-v1-base",
+    "refiner": "stable-diffusion-xl-v1-refiner",
+}
 
 
 @dataclass
@@ -78,16 +81,21 @@ def check_against_keymap(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[
         if problem:
             check.problems.append((spec.sd, problem))
         if len(shapes[spec.sd]) != len(spec.shape):
-            check.problems.append((spec.sd, f"shape {list(shapes[spec.sd])} has rank {len(shapes[spec.sd])}; "
-                                            f"the keymap has {list(spec.shape)}"))
+            check.problems.append(
+                (
+                    spec.sd,
+                    f"shape {list(shapes[spec.sd])} has rank {len(shapes[spec.sd])}; the keymap has {list(spec.shape)}",
+                )
+            )
     ranked = [s for s in present if len(shapes[s.sd]) == len(s.shape)]
     exact = sum(tuple(shapes[s.sd]) == s.shape for s in ranked)
     if ranked and exact * 2 >= len(ranked):
         check.mode = "full-size"
         for spec in ranked:
             if tuple(shapes[spec.sd]) != spec.shape:
-                check.problems.append((spec.sd, f"shape {list(shapes[spec.sd])}; the full-size model has "
-                                                f"{list(spec.shape)}"))
+                check.problems.append(
+                    (spec.sd, f"shape {list(shapes[spec.sd])}; the full-size model has {list(spec.shape)}")
+                )
         check.bindings = {d: n for s in ranked for d, n in zip(s.dims, s.shape)}
     else:
         check.mode = "structure"
@@ -95,8 +103,9 @@ def check_against_keymap(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[
     return check
 
 
-def _bind_symbols(specs: list[KeySpec], shapes: Mapping[str, tuple[int, ...]],
-                  problems: list[tuple[str | None, str]]) -> dict[str, int]:
+def _bind_symbols(
+    specs: list[KeySpec], shapes: Mapping[str, tuple[int, ...]], problems: list[tuple[str | None, str]]
+) -> dict[str, int]:
     """Give each dimension symbol the size most of its axes have; every other axis is a problem."""
     seen: dict[str, Counter] = {}
     where: dict[tuple[str, int], str] = {}
@@ -109,9 +118,14 @@ def _bind_symbols(specs: list[KeySpec], shapes: Mapping[str, tuple[int, ...]],
         for axis, (size, symbol) in enumerate(zip(shapes[spec.sd], spec.dims)):
             if size != bindings[symbol]:
                 other = where[(symbol, bindings[symbol])]
-                problems.append((spec.sd, f"shape {list(shapes[spec.sd])}: axis {axis} is {size} but this "
-                                          f"dimension ({symbol} full-size) is {bindings[symbol]} elsewhere, "
-                                          f"e.g. in {other!r}"))
+                problems.append(
+                    (
+                        spec.sd,
+                        f"shape {list(shapes[spec.sd])}: axis {axis} is {size} but this "
+                        f"dimension ({symbol} full-size) is {bindings[symbol]} elsewhere, "
+                        f"e.g. in {other!r}",
+                    )
+                )
     return bindings
 
 
@@ -124,16 +138,21 @@ def raise_problems(problems: list[tuple[str | None, str]], path: object) -> None
     if len(lines) > len(shown):
         shown.append(f"  ... and {len(lines) - len(shown)} more")
     first_key, first_message = problems[0]
-    kinds = Counter(m.split()[0] if m.split()[0] in ("unexpected", "missing", "shape", "dtype") else "other"
-                    for _k, m in problems)
+    kinds = Counter(
+        m.split()[0] if m.split()[0] in ("unexpected", "missing", "shape", "dtype") else "other" for _k, m in problems
+    )
     summary = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
-    head = f"{first_message}" if len(problems) == 1 else \
-        f"{len(problems)} problems ({summary}), nothing written:\n" + "\n".join(shown)
+    head = (
+        f"{first_message}"
+        if len(problems) == 1
+        else f"{len(problems)} problems ({summary}), nothing written:\n" + "\n".join(shown)
+    )
     raise KeyMismatchError(head, path=path, key=first_key if len(problems) == 1 else None)
 
 
-def _choose_keymap(keys: str, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str],
-                   path: object) -> tuple[Keymap, Detection]:
+def _choose_keymap(
+    keys: str, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], path: object
+) -> tuple[Keymap, Detection]:
     if keys not in KEY_CHOICES:
         raise InputError(f"--keys must be one of {', '.join(KEY_CHOICES)}, not {keys!r}")
     if keys == "auto":
@@ -155,8 +174,9 @@ class _Hasher:
         self.bytes_by_dtype: Counter = Counter()
         self._worker = Background()
 
-    def wrap(self, entry: TensorEntry, name: str, dtype: str,
-             transform: Callable[[np.ndarray], np.ndarray] | None = None) -> TensorEntry:
+    def wrap(
+        self, entry: TensorEntry, name: str, dtype: str, transform: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> TensorEntry:
         def load() -> np.ndarray:
             array = entry.load()
             if transform is not None:
@@ -182,27 +202,57 @@ class _Hasher:
 
 
 def _itemsize_dtype(dtype: str) -> np.dtype:
-    from sdxl_ckpt.convert.dtypes import numpy_dtype
+    from sdxl_ckpt.formats.dtypes import numpy_dtype
 
     return numpy_dtype(dtype)
 
 
-def _report(direction: str, src: Path, out: Path, keymap: Keymap, detection: Detection, check: Check,
-            written: list[TensorEntry], dropped: dict[str, str], restored: dict[str, str], absent: list[str],
-            hasher: _Hasher, **extra: Any) -> dict[str, Any]:
+def _report(
+    direction: str,
+    src: Path,
+    out: Path,
+    keymap: Keymap,
+    detection: Detection,
+    check: Check,
+    written: list[TensorEntry],
+    dropped: dict[str, str],
+    restored: dict[str, str],
+    absent: list[str],
+    hasher: _Hasher,
+    **extra: Any,
+) -> dict[str, Any]:
     return {
-        "command": direction, "source": str(src), "output": str(out), "variant": keymap.variant,
-        "variant_reason": detection.reason, "note": detection.note, "check": check.mode,
-        "keys_written": len(written), "renamed": extra.pop("renamed", 0), "dropped": dropped, "restored": restored,
-        "optional_absent": absent, "bytes_by_dtype": dict(sorted(hasher.bytes_by_dtype.items())),
-        "tensor_bytes": sum(hasher.bytes_by_dtype.values()), "sha256_tensor_bytes": hasher.digest(),
+        "command": direction,
+        "source": str(src),
+        "output": str(out),
+        "variant": keymap.variant,
+        "variant_reason": detection.reason,
+        "note": detection.note,
+        "check": check.mode,
+        "keys_written": len(written),
+        "renamed": extra.pop("renamed", 0),
+        "dropped": dropped,
+        "restored": restored,
+        "optional_absent": absent,
+        "bytes_by_dtype": dict(sorted(hasher.bytes_by_dtype.items())),
+        "tensor_bytes": sum(hasher.bytes_by_dtype.values()),
+        "sha256_tensor_bytes": hasher.digest(),
         **extra,
     }
 
 
-def st_to_ms(src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "auto", dtype: str = "keep",
-             fmt: str = "ckpt", overwrite: bool = False, quiet: bool = True, key_torch: str | None = None,
-             key_ms: str | None = None) -> dict[str, Any]:
+def st_to_ms(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    keys: str = "auto",
+    dtype: str = "keep",
+    fmt: str = "ckpt",
+    overwrite: bool = False,
+    quiet: bool = True,
+    key_torch: str | None = None,
+    key_ms: str | None = None,
+) -> dict[str, Any]:
     """SD safetensors -> MindSpore names in a ``.ckpt`` (or safetensors); returns the report."""
     started = time.monotonic()
     src, out = Path(src), Path(out)
@@ -242,8 +292,23 @@ def st_to_ms(src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "aut
         else:
             metadata = {**source.metadata, "format": "ms", "sdxl_ckpt.variant": keymap.variant}
             written = write_safetensors(out, planned, metadata, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
-        return _report("st-to-ms", src, out, keymap, detection, check, written, dropped, {}, absent, hasher,
-                       renamed=renamed, format=fmt, dtype=dtype, seconds=round(time.monotonic() - started, 3))
+        return _report(
+            "st-to-ms",
+            src,
+            out,
+            keymap,
+            detection,
+            check,
+            written,
+            dropped,
+            {},
+            absent,
+            hasher,
+            renamed=renamed,
+            format=fmt,
+            dtype=dtype,
+            seconds=round(time.monotonic() - started, 3),
+        )
 
 
 def _read_ms(src: Path) -> tuple[list[TensorEntry], dict[str, str], dict[str, Any]]:
@@ -278,8 +343,9 @@ def sd_metadata(keymap: Keymap, src: Path) -> dict[str, str]:
     }
 
 
-def ms_to_st(src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "auto", overwrite: bool = False,
-             quiet: bool = True) -> dict[str, Any]:
+def ms_to_st(
+    src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "auto", overwrite: bool = False, quiet: bool = True
+) -> dict[str, Any]:
     """MindSpore ckpt (or MindSpore-named safetensors) -> SD safetensors, record by record; returns the report."""
     started = time.monotonic()
     src, out = Path(src), Path(out)
@@ -298,8 +364,9 @@ def ms_to_st(src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "aut
             problems.append((entry.name, f"unexpected key (not a MindSpore name of the {keymap.variant} keymap){hint}"))
         else:
             sd_entries[spec.sd] = entry
-    check = check_against_keymap({n: e.shape for n, e in sd_entries.items()},
-                                 {n: e.dtype for n, e in sd_entries.items()}, keymap)
+    check = check_against_keymap(
+        {n: e.shape for n, e in sd_entries.items()}, {n: e.dtype for n, e in sd_entries.items()}, keymap
+    )
     raise_problems(problems + [(keymap.sd_to_ms.get(k, k) if k else k, m) for k, m in check.problems], src)
 
     with _Hasher() as hasher:
@@ -314,24 +381,43 @@ def ms_to_st(src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "aut
             if entry is not None:
                 planned.append(hasher.wrap(entry, spec.sd, entry.dtype))
         absent = [k for k in keymap.optional_sd if k not in sd_entries]
-        written = write_safetensors(out, planned, sd_metadata(keymap, src), overwrite=overwrite, quiet=quiet,
-                                    desc="ms-to-st")
+        written = write_safetensors(
+            out, planned, sd_metadata(keymap, src), overwrite=overwrite, quiet=quiet, desc="ms-to-st"
+        )
         renamed = sum(1 for e in written if e.name in sd_entries and sd_entries[e.name].name != e.name)
-        return _report("ms-to-st", src, out, keymap, detection, check, written, {}, restored, absent, hasher,
-                       renamed=renamed, **extra, seconds=round(time.monotonic() - started, 3))
+        return _report(
+            "ms-to-st",
+            src,
+            out,
+            keymap,
+            detection,
+            check,
+            written,
+            {},
+            restored,
+            absent,
+            hasher,
+            renamed=renamed,
+            **extra,
+            seconds=round(time.monotonic() - started, 3),
+        )
 
 
 def render_report(report: Mapping[str, Any]) -> str:
     """The human summary of an st-to-ms / ms-to-st report (the JSON form has everything)."""
     from sdxl_ckpt.report import human_bytes, render_table
 
-    lines = [f"{report['command']}: {report['source']} -> {report['output']}",
-             f"variant {report['variant']} ({report['variant_reason']}); check: {report['check']}"]
+    lines = [
+        f"{report['command']}: {report['source']} -> {report['output']}",
+        f"variant {report['variant']} ({report['variant_reason']}); check: {report['check']}",
+    ]
     if report.get("note"):
         lines.append(f"note: {report['note']}")
-    lines.append(f"tensors written {report['keys_written']} (renamed {report['renamed']}), "
-                 f"{human_bytes(report['tensor_bytes'])} in {report['seconds']:.2f} s; "
-                 f"sha256 of tensor bytes {report['sha256_tensor_bytes']}")
+    lines.append(
+        f"tensors written {report['keys_written']} (renamed {report['renamed']}), "
+        f"{human_bytes(report['tensor_bytes'])} in {report['seconds']:.2f} s; "
+        f"sha256 of tensor bytes {report['sha256_tensor_bytes']}"
+    )
     rows = [{"dtype": k, "bytes": v, "size": human_bytes(v)} for k, v in report["bytes_by_dtype"].items()]
     lines.append(render_table(rows, ["dtype", "bytes", "size"]))
     for title, items in (("dropped", report["dropped"]), ("restored", report["restored"])):

@@ -71,9 +71,16 @@ class Keymap:
 
 
 def _spec(sd: str, fields: dict, section: str) -> KeySpec:
-    return KeySpec(sd=sd, ms=fields.get("ms"), shape=tuple(fields["shape"]), dims=tuple(fields["dims"]),
-                   dtype=fields["dtype"], required=section == "keys", restore=fields.get("restore"),
-                   why=fields.get("why", ""))
+    return KeySpec(
+        sd=sd,
+        ms=fields.get("ms"),
+        shape=tuple(fields["shape"]),
+        dims=tuple(fields["dims"]),
+        dtype=fields["dtype"],
+        required=section == "keys",
+        restore=fields.get("restore"),
+        why=fields.get("why", ""),
+    )
 
 
 @cache
@@ -87,6 +94,9 @@ def load_keymap(variant: str) -> Keymap:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with open(path, encoding="utf-8") as handle:
         data = yaml.load(handle, Loader=loader)
-    specs = [_spec(sd, fields, section) for section in ("keys", "optional", "dropped")
-             for sd, fields in (data.get(section) or {}).items()]
+    specs = [
+        _spec(sd, fields, section)
+        for section in ("keys", "optional", "dropped")
+        for sd, fields in (data.get(section) or {}).items()
+    ]
     return Keymap(variant=data["variant"], structure=data["structure"], specs=tuple(specs))

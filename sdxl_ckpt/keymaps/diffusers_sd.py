@@ -12,13 +12,9 @@ Composing a block with its inner table gives a flat, ordered list of ``Rule`` wh
 keys; the first rule whose pattern fully matches a key decides it. A rule with ``replacement=None`` drops the key
 and says why. Keys no rule matches are UNKNOWN: the caller refuses the conversion.
 
-Transforms (values; the converter implements them, see ``sdxl_ckpt.convert.diffusers_to_sd``):
-  none        copy
-  transpose   2-D matrix transposed (OpenCLIP ``text_projection``: SD computes x @ P, HF x @ W.T)
-  conv1x1     Linear (C, C) -> Conv 1x1 (C, C, 1, 1) (VAE mid-attention weights)
-  concat_qkv  the q, k, v tensors (pattern group ``qkv``) concatenated along dim 0 in q, k, v order
+Transforms (values) are named here and defined in ``keymaps.transforms``.
 
-Facts: ../shared/SDXL_FORMATS.md section 2 (checked against diffusers' own converters and mindone's key lists).
+The names were checked against diffusers' own single-file converters and mindone's published key lists.
 """
 
 from __future__ import annotations
@@ -30,8 +26,8 @@ from functools import cached_property
 from typing import Any
 
 from sdxl_ckpt.errors import InputError, KeyMismatchError
+from sdxl_ckpt.keymaps.transforms import TRANSFORMS
 
-TRANSFORMS = ("none", "transpose", "conv1x1", "concat_qkv")
 QKV_ORDER = ("q", "k", "v")
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -114,8 +110,11 @@ INNER: dict[str, tuple[Rule, ...]] = {
     # Transformer2DModel -> SpatialTransformer: the names are the same on both sides
     "transformer": (
         Rule(r"(?P<n>norm|proj_in|proj_out)\." + _P, r"\g<n>.\g<p>"),
-        Rule(r"transformer_blocks\.(?P<t>{T})\.(?P<n>attn[12]\.to_(?:q|k|v|out\.0)|ff\.net\.0\.proj|ff\.net\.2"
-             r"|norm[123])\." + _P, r"transformer_blocks.\g<t>.\g<n>.\g<p>"),
+        Rule(
+            r"transformer_blocks\.(?P<t>{T})\.(?P<n>attn[12]\.to_(?:q|k|v|out\.0)|ff\.net\.0\.proj|ff\.net\.2"
+            r"|norm[123])\." + _P,
+            r"transformer_blocks.\g<t>.\g<n>.\g<p>",
+        ),
     ),
     # diffusers ResnetBlock2D inside the VAE -> LDM ResnetBlock
     "vae_resnet": (
@@ -137,30 +136,48 @@ INNER: dict[str, tuple[Rule, ...]] = {
     # HF CLIPTextModel (CLIP ViT-L): SD keeps the HF names under its prefix
     "clip_l": (
         Rule(r"(?P<k>text_model\.embeddings\.(?:token|position)_embedding\.weight)", r"\g<k>"),
-        Rule(r"(?P<k>text_model\.encoder\.layers\.(?:{L})\.(?:self_attn\.(?:q|k|v|out)_proj|layer_norm[12]|mlp\.fc[12])"
-             r"\.(?:weight|bias))", r"\g<k>"),
+        Rule(
+            r"(?P<k>text_model\.encoder\.layers\.(?:{L})\.(?:self_attn\.(?:q|k|v|out)_proj|layer_norm[12]|mlp\.fc[12])"
+            r"\.(?:weight|bias))",
+            r"\g<k>",
+        ),
         Rule(r"(?P<k>text_model\.final_layer_norm\.(?:weight|bias))", r"\g<k>"),
-        Rule(r"text_model\.embeddings\.position_ids", None,
-             reason="regenerated as int64 arange [1, max_position_embeddings] (the SD file always holds it)"),
+        Rule(
+            r"text_model\.embeddings\.position_ids",
+            None,
+            reason="regenerated as int64 arange [1, max_position_embeddings] (the SD file always holds it)",
+        ),
     ),
     # HF CLIPTextModelWithProjection (OpenCLIP ViT-bigG) -> open_clip names
     "openclip": (
         Rule(r"text_model\.embeddings\.token_embedding\.weight", "token_embedding.weight"),
         Rule(r"text_model\.embeddings\.position_embedding\.weight", "positional_embedding"),
-        Rule(r"text_model\.encoder\.layers\.(?P<n>{L})\.self_attn\.(?P<qkv>q|k|v)_proj\.(?P<p>weight|bias)",
-             r"transformer.resblocks.\g<n>.attn.in_proj_\g<p>", "concat_qkv"),
-        Rule(r"text_model\.encoder\.layers\.(?P<n>{L})\.self_attn\.out_proj\." + _P,
-             r"transformer.resblocks.\g<n>.attn.out_proj.\g<p>"),
-        Rule(r"text_model\.encoder\.layers\.(?P<n>{L})\.layer_norm(?P<i>[12])\." + _P,
-             r"transformer.resblocks.\g<n>.ln_\g<i>.\g<p>"),
-        Rule(r"text_model\.encoder\.layers\.(?P<n>{L})\.mlp\.fc1\." + _P,
-             r"transformer.resblocks.\g<n>.mlp.c_fc.\g<p>"),
-        Rule(r"text_model\.encoder\.layers\.(?P<n>{L})\.mlp\.fc2\." + _P,
-             r"transformer.resblocks.\g<n>.mlp.c_proj.\g<p>"),
+        Rule(
+            r"text_model\.encoder\.layers\.(?P<n>{L})\.self_attn\.(?P<qkv>q|k|v)_proj\.(?P<p>weight|bias)",
+            r"transformer.resblocks.\g<n>.attn.in_proj_\g<p>",
+            "concat_qkv",
+        ),
+        Rule(
+            r"text_model\.encoder\.layers\.(?P<n>{L})\.self_attn\.out_proj\." + _P,
+            r"transformer.resblocks.\g<n>.attn.out_proj.\g<p>",
+        ),
+        Rule(
+            r"text_model\.encoder\.layers\.(?P<n>{L})\.layer_norm(?P<i>[12])\." + _P,
+            r"transformer.resblocks.\g<n>.ln_\g<i>.\g<p>",
+        ),
+        Rule(
+            r"text_model\.encoder\.layers\.(?P<n>{L})\.mlp\.fc1\." + _P, r"transformer.resblocks.\g<n>.mlp.c_fc.\g<p>"
+        ),
+        Rule(
+            r"text_model\.encoder\.layers\.(?P<n>{L})\.mlp\.fc2\." + _P, r"transformer.resblocks.\g<n>.mlp.c_proj.\g<p>"
+        ),
         Rule(r"text_model\.final_layer_norm\." + _P, r"ln_final.\g<p>"),
         Rule(r"text_projection\.weight", "text_projection", "transpose"),
-        Rule(r"text_model\.embeddings\.position_ids", None,
-             reason="OpenCLIP has no position_ids in the SD layout (a buffer old transformers saved); not written"),
+        Rule(
+            r"text_model\.embeddings\.position_ids",
+            None,
+            reason="OpenCLIP has no position_ids in the SD layout (a buffer old transformers saved); not written",
+        ),
     ),
 }
 
@@ -168,30 +185,82 @@ INNER: dict[str, tuple[Rule, ...]] = {
 # Optional tensors (conv_shortcut, q/k/v biases) are left out. "{T}" / "{L}" expand over the block's
 # transformer blocks / the encoder's layers.
 _WB = ("weight", "bias")
-_TB = tuple(f"transformer_blocks.{{T}}.{n}.weight" for n in (
-    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
-    "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3")) + tuple(
-    f"transformer_blocks.{{T}}.{n}.bias" for n in ("attn1.to_out.0", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
-                                                    "norm1", "norm2", "norm3"))
-_CLIP_LAYER = tuple(f"text_model.encoder.layers.{{L}}.{n}.{p}" for n in (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "layer_norm1", "layer_norm2",
-    "mlp.fc1", "mlp.fc2") for p in _WB)
-_OPENCLIP_LAYER = tuple(f"transformer.resblocks.{{L}}.{n}" for n in (
-    "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "ln_1.weight",
-    "ln_1.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
-    "mlp.c_proj.bias"))
+_TB = tuple(
+    f"transformer_blocks.{{T}}.{n}.weight"
+    for n in (
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "norm1",
+        "norm2",
+        "norm3",
+    )
+) + tuple(
+    f"transformer_blocks.{{T}}.{n}.bias"
+    for n in ("attn1.to_out.0", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3")
+)
+_CLIP_LAYER = tuple(
+    f"text_model.encoder.layers.{{L}}.{n}.{p}"
+    for n in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "layer_norm1",
+        "layer_norm2",
+        "mlp.fc1",
+        "mlp.fc2",
+    )
+    for p in _WB
+)
+_OPENCLIP_LAYER = tuple(
+    f"transformer.resblocks.{{L}}.{n}"
+    for n in (
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "ln_1.weight",
+        "ln_1.bias",
+        "ln_2.weight",
+        "ln_2.bias",
+        "mlp.c_fc.weight",
+        "mlp.c_fc.bias",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
+    )
+)
 REQUIRED: dict[str, tuple[str, ...]] = {
     "leaf": _WB,
     "leaf_no_bias": ("weight",),
-    "unet_resnet": tuple(f"{n}.{p}" for n in ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0",
-                                              "out_layers.3") for p in _WB),
+    "unet_resnet": tuple(
+        f"{n}.{p}" for n in ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0", "out_layers.3") for p in _WB
+    ),
     "transformer": tuple(f"{n}.{p}" for n in ("norm", "proj_in", "proj_out") for p in _WB) + _TB,
     "vae_resnet": tuple(f"{n}.{p}" for n in ("norm1", "conv1", "norm2", "conv2") for p in _WB),
     "vae_attention": tuple(f"{n}.{p}" for n in ("norm", "q", "k", "v", "proj_out") for p in _WB),
-    "clip_l": ("text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
-               "text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias") + _CLIP_LAYER,
-    "openclip": ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
-                 "text_projection") + _OPENCLIP_LAYER,
+    "clip_l": (
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight",
+        "text_model.final_layer_norm.weight",
+        "text_model.final_layer_norm.bias",
+    )
+    + _CLIP_LAYER,
+    "openclip": (
+        "token_embedding.weight",
+        "positional_embedding",
+        "ln_final.weight",
+        "ln_final.bias",
+        "text_projection",
+    )
+    + _OPENCLIP_LAYER,
 }
 
 # --- BLOCK tables ----------------------------------------------------------------------------------------------------
@@ -275,8 +344,14 @@ def unet_blocks(config: Mapping[str, Any]) -> list[Block]:
         for j in range(layers[i]):
             blocks.append(Block(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{index}.0.", "unet_resnet"))
             if down_attn[i]:
-                blocks.append(Block(f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{index}.1.", "transformer",
-                                    _depth(depth[i], j)))
+                blocks.append(
+                    Block(
+                        f"down_blocks.{i}.attentions.{j}.",
+                        f"input_blocks.{index}.1.",
+                        "transformer",
+                        _depth(depth[i], j),
+                    )
+                )
             index += 1
         if i < levels - 1:
             blocks.append(Block(f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{index}.0.op.", "leaf"))
@@ -298,12 +373,17 @@ def unet_blocks(config: Mapping[str, Any]) -> list[Block]:
         for j in range(count):
             blocks.append(Block(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{index}.0.", "unet_resnet"))
             if up_attn[i]:
-                blocks.append(Block(f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{index}.1.", "transformer",
-                                    _depth(reverse_depth[i], j)))
+                blocks.append(
+                    Block(
+                        f"up_blocks.{i}.attentions.{j}.",
+                        f"output_blocks.{index}.1.",
+                        "transformer",
+                        _depth(reverse_depth[i], j),
+                    )
+                )
             if j == count - 1 and i < levels - 1:
                 slot = 2 if up_attn[i] else 1
-                blocks.append(Block(f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{index}.{slot}.conv.",
-                                    "leaf"))
+                blocks.append(Block(f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{index}.{slot}.conv.", "leaf"))
             index += 1
     return blocks
 
@@ -324,15 +404,17 @@ def vae_blocks(config: Mapping[str, Any]) -> list[Block]:
         for j in range(layers):
             blocks.append(Block(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", "vae_resnet"))
         if i < levels - 1:
-            blocks.append(Block(f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv.",
-                                "leaf"))
+            blocks.append(
+                Block(f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv.", "leaf")
+            )
     for i in range(levels):
         ldm = levels - 1 - i
         for j in range(layers + 1):
             blocks.append(Block(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{ldm}.block.{j}.", "vae_resnet"))
         if i < levels - 1:
-            blocks.append(Block(f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{ldm}.upsample.conv.",
-                                "leaf"))
+            blocks.append(
+                Block(f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{ldm}.upsample.conv.", "leaf")
+            )
     for part in ("encoder", "decoder"):
         blocks.append(Block(f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", "vae_resnet"))
         if config.get("mid_block_add_attention", True):
@@ -355,8 +437,15 @@ def compose(blocks: Iterable[Block], sd_prefix: str, inner: Mapping[str, Sequenc
         for rule in inner[block.inner]:
             pattern = rule.pattern.replace("{T}", _indices(block.depth))
             replacement = None if rule.replacement is None else sd_prefix + block.sd + rule.replacement
-            rules.append(Rule(re.escape(block.diffusers) + pattern, replacement, rule.transform, rule.reason,
-                              literal=block.diffusers))
+            rules.append(
+                Rule(
+                    re.escape(block.diffusers) + pattern,
+                    replacement,
+                    rule.transform,
+                    rule.reason,
+                    literal=block.diffusers,
+                )
+            )
     return rules
 
 
@@ -397,12 +486,14 @@ def expected_sd_keys(component: str, config: Mapping[str, Any], sd_prefix: str) 
     """The SD keys this component must produce for this config (``REQUIRED``; optional tensors not included)."""
     if component in ("unet", "vae"):
         blocks = unet_blocks(config) if component == "unet" else vae_blocks(config)
-        return [key for b in blocks for rel in REQUIRED[b.inner] for key in _expand(rel, sd_prefix + b.sd, "{T}",
-                                                                                     b.depth)]
+        return [
+            key for b in blocks for rel in REQUIRED[b.inner] for key in _expand(rel, sd_prefix + b.sd, "{T}", b.depth)
+        ]
     if component in TEXT_ENCODER_INNER:
         layers = _layers(component, config)
-        return [key for rel in REQUIRED[TEXT_ENCODER_INNER[component]] for key in _expand(rel, sd_prefix, "{L}",
-                                                                                          layers)]
+        return [
+            key for rel in REQUIRED[TEXT_ENCODER_INNER[component]] for key in _expand(rel, sd_prefix, "{L}", layers)
+        ]
     raise InputError(f"unknown component {component!r} (expected one of {', '.join(COMPONENTS)})")
 
 
@@ -429,8 +520,14 @@ class ComponentMap:
     missing: list[str] = field(default_factory=list)
 
 
-def map_component_keys(component: str, keys: Iterable[str], config: Mapping[str, Any], sd_prefix: str,
-                       *, source_of: Mapping[str, str] | None = None) -> ComponentMap:
+def map_component_keys(
+    component: str,
+    keys: Iterable[str],
+    config: Mapping[str, Any],
+    sd_prefix: str,
+    *,
+    source_of: Mapping[str, str] | None = None,
+) -> ComponentMap:
     """Map one component's diffusers keys to SD keys (names only; no tensor is read).
 
     Raises ``KeyMismatchError`` when a concat_qkv target lacks one of q, k, v or when two keys would give the same
@@ -454,14 +551,18 @@ def map_component_keys(component: str, keys: Iterable[str], config: Mapping[str,
                 parts = qkv.setdefault(name, {})
                 part = match.group("qkv")
                 if part in parts:
-                    raise KeyMismatchError(f"two keys give the {part} part of {name!r}: {parts[part]!r}",
-                                           path=(source_of or {}).get(key), key=key)
+                    raise KeyMismatchError(
+                        f"two keys give the {part} part of {name!r}: {parts[part]!r}",
+                        path=(source_of or {}).get(key),
+                        key=key,
+                    )
                 parts[part] = key
                 order.setdefault(name, None)
             else:
                 if name in claimed:
-                    raise KeyMismatchError(f"{claimed[name]!r} already gives SD key {name!r}",
-                                           path=(source_of or {}).get(key), key=key)
+                    raise KeyMismatchError(
+                        f"{claimed[name]!r} already gives SD key {name!r}", path=(source_of or {}).get(key), key=key
+                    )
                 claimed[name] = key
                 order[name] = Target(name, (key,), rule.transform)
             break
@@ -473,8 +574,11 @@ def map_component_keys(component: str, keys: Iterable[str], config: Mapping[str,
             missing = [p for p in QKV_ORDER if p not in parts]
             if missing:
                 some = next(iter(parts.values()))
-                raise KeyMismatchError(f"{name!r} needs q, k and v; missing {', '.join(missing)}",
-                                       path=(source_of or {}).get(some), key=some)
+                raise KeyMismatchError(
+                    f"{name!r} needs q, k and v; missing {', '.join(missing)}",
+                    path=(source_of or {}).get(some),
+                    key=some,
+                )
             target = Target(name, tuple(parts[p] for p in QKV_ORDER), "concat_qkv")
         result.targets.append(target)
     result.generated = [(sd_prefix + key, generator) for key, generator in GENERATED.get(component, ())]

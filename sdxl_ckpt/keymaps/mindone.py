@@ -69,13 +69,24 @@ def export_lists(keymap: Keymap) -> tuple[str, str]:
     return torch_text, ms_text
 
 
-def check_lists(torch_list: list[ListedKey], ms_list: list[ListedKey], shapes: Mapping[str, tuple[int, ...]],
-                keymap: Keymap, torch_path: object, ms_path: object) -> list[tuple[str | None, str]]:
+def check_lists(
+    torch_list: list[ListedKey],
+    ms_list: list[ListedKey],
+    shapes: Mapping[str, tuple[int, ...]],
+    keymap: Keymap,
+    torch_path: object,
+    ms_path: object,
+) -> list[tuple[str | None, str]]:
     """Every problem with a (torch, mindspore) list pair for an input with these SD key shapes: (key, message)."""
     problems: list[tuple[str | None, str]] = []
     if len(torch_list) != len(ms_list):
-        problems.append((None, f"{torch_path} has {len(torch_list)} keys and {ms_path} {len(ms_list)}: "
-                               "the lists are paired line by line"))
+        problems.append(
+            (
+                None,
+                f"{torch_path} has {len(torch_list)} keys and {ms_path} {len(ms_list)}: "
+                "the lists are paired line by line",
+            )
+        )
     for listed, where in ((torch_list, torch_path), (ms_list, ms_path)):
         for item in listed:
             if not NAME.fullmatch(item.name):
@@ -88,17 +99,28 @@ def check_lists(torch_list: list[ListedKey], ms_list: list[ListedKey], shapes: M
         if t.name not in shapes:
             problems.append((t.name, f"{torch_path} line {t.line}: not in the input"))
         elif t.shape is not None and t.shape != tuple(shapes[t.name]):
-            problems.append((t.name, f"{torch_path} line {t.line}: list says {list(t.shape)}, input has "
-                                     f"{list(shapes[t.name])}"))
+            problems.append(
+                (t.name, f"{torch_path} line {t.line}: list says {list(t.shape)}, input has {list(shapes[t.name])}")
+            )
         expected, _rule = sd_to_ms_name(t.name)
         if expected is None:
-            problems.append((t.name, f"line {t.line}: this key is not a MindSpore parameter (dropped: "
-                                     f"{keymap.dropped.get(t.name) or _rule.why})"))
+            problems.append(
+                (
+                    t.name,
+                    f"line {t.line}: this key is not a MindSpore parameter (dropped: "
+                    f"{keymap.dropped.get(t.name) or _rule.why})",
+                )
+            )
         elif m.name != expected:
             problems.append((t.name, f"line {t.line} pairs it with {m.name!r}; the rename rules give {expected!r}"))
         if t.shape is not None and m.shape is not None and t.shape != m.shape:
-            problems.append((m.name, f"{ms_path} line {m.line}: shape {list(m.shape)} differs from its torch pair "
-                                     f"{list(t.shape)} (SD -> MindSpore never reshapes)"))
+            problems.append(
+                (
+                    m.name,
+                    f"{ms_path} line {m.line}: shape {list(m.shape)} differs from its torch pair "
+                    f"{list(t.shape)} (SD -> MindSpore never reshapes)",
+                )
+            )
     skippable = set(keymap.dropped) | set(keymap.optional_sd)
     for name in shapes:
         if name not in covered and name not in skippable:
@@ -108,7 +130,7 @@ def check_lists(torch_list: list[ListedKey], ms_list: list[ListedKey], shapes: M
 
 def write_export(variant: str, fmt: str, out_dir: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
     """Write ``torch_key_{variant}.yaml`` and ``mindspore_key_{variant}.yaml`` into ``out_dir``; returns the paths."""
-    from sdxl_ckpt.convert.atomic import atomic_output, check_output
+    from sdxl_ckpt.formats.atomic import atomic_output, check_output
     from sdxl_ckpt.keymaps import load_keymap
 
     if fmt != "mindone":

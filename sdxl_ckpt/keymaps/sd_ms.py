@@ -5,7 +5,7 @@ MindSpore's ``nn.GroupNorm`` / ``nn.LayerNorm`` call their affine parameters ``g
 ``positional_embedding``, ``text_projection``, ``logit_scale``, ``attn.in_proj_*``) keeps its SD name.
 ``position_ids`` is a buffer, not a parameter, so it is dropped (``ms-to-st`` regenerates it).
 The first rule whose pattern fully matches the SD key decides. The generated keymaps (``base.yaml``...) spell
-out every resulting pair; facts: ../shared/SDXL_FORMATS.md section 3.
+out every resulting pair.
 """
 
 from __future__ import annotations
@@ -16,10 +16,15 @@ from functools import cached_property
 
 # modules whose .weight/.bias are a GroupNorm/LayerNorm affine: matched as the LAST path component(s) of the module
 NORM_MODULES = (
-    r"in_layers\.0", r"out_layers\.0",  # UNet ResBlock GroupNorms
-    r"norm", r"norm[123]", r"norm_out",  # SpatialTransformer / BasicTransformerBlock, VAE resnets and attention
-    r"layer_norm[12]", r"final_layer_norm",  # HF CLIP (CLIP-L)
-    r"ln_[12]", r"ln_final",  # open_clip (bigG)
+    r"in_layers\.0",
+    r"out_layers\.0",  # UNet ResBlock GroupNorms
+    r"norm",
+    r"norm[123]",
+    r"norm_out",  # SpatialTransformer / BasicTransformerBlock, VAE resnets and attention
+    r"layer_norm[12]",
+    r"final_layer_norm",  # HF CLIP (CLIP-L)
+    r"ln_[12]",
+    r"ln_final",  # open_clip (bigG)
 )
 NORM_PATHS = (r"model\.diffusion_model\.out\.0",)  # the UNet's final GroupNorm (out.2 is a conv)
 EMBEDDING_MODULES = (r"token_embedding", r"position_embedding")
@@ -42,8 +47,11 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(r".*\.position_ids", None,
-         "int64 buffer (arange of the positions), not a parameter: MindSpore's CLIP has none; ms-to-st regenerates it"),
+    Rule(
+        r".*\.position_ids",
+        None,
+        "int64 buffer (arange of the positions), not a parameter: MindSpore's CLIP has none; ms-to-st regenerates it",
+    ),
     Rule(rf"(?P<m>{_NORM})\.weight", r"\g<m>.gamma", "GroupNorm/LayerNorm weight is 'gamma' in MindSpore"),
     Rule(rf"(?P<m>{_NORM})\.bias", r"\g<m>.beta", "GroupNorm/LayerNorm bias is 'beta' in MindSpore"),
     Rule(rf"(?P<m>{_EMBEDDING})\.weight", r"\g<m>.embedding_table", "nn.Embedding weight is 'embedding_table'"),

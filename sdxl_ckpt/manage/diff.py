@@ -22,16 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from sdxl_ckpt.convert.diffusers_to_sd import plan_sd_entries
-from sdxl_ckpt.convert.dtypes import to_float32
-from sdxl_ckpt.convert.entries import TensorEntry
 from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.formats.dtypes import to_float32
+from sdxl_ckpt.formats.entries import TensorEntry
+from sdxl_ckpt.formats.nonfinite import count_nonfinite
 from sdxl_ckpt.keymaps import load_keymap
-from sdxl_ckpt.manage.components import COMPONENTS, component_of
+from sdxl_ckpt.keymaps.diffusers_plan import plan_sd_entries
 from sdxl_ckpt.manage.sources import Checkpoint, open_checkpoint
-from sdxl_ckpt.manage.values import count_nonfinite
 from sdxl_ckpt.progress import byte_bar
 from sdxl_ckpt.report import key_listing, render_table
+from sdxl_ckpt.sdxl.components import COMPONENTS, component_of
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # widened values are compared in chunks to bound memory
 SHOWN = 20
@@ -50,8 +50,7 @@ class Side:
 def _side(path: str | Path, keys: str, weight_variant: str | None) -> Side:
     ckpt = open_checkpoint(path, keys=keys, weight_variant=weight_variant)
     if ckpt.format == "diffusers-component":
-        raise InputError("diff needs a whole pipeline folder (or a single file), not one component folder",
-                         path=path)
+        raise InputError("diff needs a whole pipeline folder (or a single file), not one component folder", path=path)
     if ckpt.format == "diffusers":
         planned, _metadata, _report = plan_sd_entries(path, variant=weight_variant, lcm=keys == "lcm")
         return Side(ckpt, {e.name: e for e in planned}, {})
@@ -74,8 +73,8 @@ def compare_arrays(a: np.ndarray, a_dtype: str, b: np.ndarray, b_dtype: str) -> 
     fa, fb = a.reshape(-1), b.reshape(-1)
     max_abs, ref, differing, nan_mismatch = 0.0, 0.0, 0, 0
     for start in range(0, max(fa.size, 1), CHUNK_ELEMENTS):
-        xa = _wide(fa[start:start + CHUNK_ELEMENTS], a_dtype, wide)
-        xb = _wide(fb[start:start + CHUNK_ELEMENTS], b_dtype, wide)
+        xa = _wide(fa[start : start + CHUNK_ELEMENTS], a_dtype, wide)
+        xb = _wide(fb[start : start + CHUNK_ELEMENTS], b_dtype, wide)
         na, nb = np.isnan(xa), np.isnan(xb)
         nan_mismatch += int(np.count_nonzero(na != nb))
         same = (xa == xb) | (na & nb)
@@ -96,8 +95,14 @@ def compare_arrays(a: np.ndarray, a_dtype: str, b: np.ndarray, b_dtype: str) -> 
 
 def compare_entries(key: str, a: TensorEntry, b: TensorEntry) -> dict[str, Any]:
     """Load one pair and compare it; the row says which kind of difference (if any) it is."""
-    row: dict[str, Any] = {"key": key, "component": component_of(key), "a_dtype": a.dtype, "b_dtype": b.dtype,
-                           "a_shape": list(a.shape), "b_shape": list(b.shape)}
+    row: dict[str, Any] = {
+        "key": key,
+        "component": component_of(key),
+        "a_dtype": a.dtype,
+        "b_dtype": b.dtype,
+        "a_shape": list(a.shape),
+        "b_shape": list(b.shape),
+    }
     if a.shape != b.shape:
         row["status"] = "shape"
         return row
@@ -121,14 +126,18 @@ def _summary(rows: list[dict[str, Any]], only_a: list[str], only_b: list[str]) -
         if not mine and not a_only and not b_only:
             continue
         valued = [r for r in mine if "max_abs" in r]
-        out.append({
-            "component": component, "compared": len(mine),
-            "identical": sum(r["status"] == "identical" for r in mine),
-            "different": sum(r["status"] != "identical" for r in mine),
-            "only_in_a": a_only, "only_in_b": b_only,
-            "max_abs": max((r["max_abs"] for r in valued), default=0.0),
-            "max_rel": max((r["max_rel"] for r in valued), default=0.0),
-        })
+        out.append(
+            {
+                "component": component,
+                "compared": len(mine),
+                "identical": sum(r["status"] == "identical" for r in mine),
+                "different": sum(r["status"] != "identical" for r in mine),
+                "only_in_a": a_only,
+                "only_in_b": b_only,
+                "max_abs": max((r["max_abs"] for r in valued), default=0.0),
+                "max_rel": max((r["max_rel"] for r in valued), default=0.0),
+            }
+        )
     return out
 
 
@@ -136,8 +145,14 @@ def _not_comparable(only: list[str], other: Side, which: str) -> tuple[list[str]
     keep, skipped = [], []
     for key in only:
         if key in other.cannot_store:
-            skipped.append({"key": key, "only_in": which, "why": f"{other.ckpt.label} does not store it",
-                            "detail": other.cannot_store[key]})
+            skipped.append(
+                {
+                    "key": key,
+                    "only_in": which,
+                    "why": f"{other.ckpt.label} does not store it",
+                    "detail": other.cannot_store[key],
+                }
+            )
         else:
             keep.append(key)
     return keep, skipped
@@ -147,8 +162,9 @@ def _about(path: str | Path, side: Side) -> dict[str, Any]:
     return {"path": str(path), "format": side.ckpt.label, "variant": side.ckpt.variant, "tensors": len(side.entries)}
 
 
-def diff_checkpoints(a: str | Path, b: str | Path, *, keys: str = "auto", quiet: bool = True,
-                     weight_variant: str | None = None) -> dict[str, Any]:
+def diff_checkpoints(
+    a: str | Path, b: str | Path, *, keys: str = "auto", quiet: bool = True, weight_variant: str | None = None
+) -> dict[str, Any]:
     """Compare ``a`` and ``b`` (any supported layouts); the report's ``identical`` decides the exit status."""
     side_a, side_b = _side(a, keys, weight_variant), _side(b, keys, weight_variant)
     only_a, skipped_a = _not_comparable([k for k in side_a.entries if k not in side_b.entries], side_b, "A")
@@ -189,19 +205,24 @@ def _describe(row: Mapping[str, Any]) -> str:
     if row["nan_mismatch"]:
         text += f" ({row['nan_mismatch']} NaN only on one side)"
     if row["a_dtype"] != row["b_dtype"]:
-        text = f"dtype {row['a_dtype']} vs {row['b_dtype']}; " + (text if row["status"] == "values" else
-                                                                   "values equal")
+        text = f"dtype {row['a_dtype']} vs {row['b_dtype']}; " + (text if row["status"] == "values" else "values equal")
     return text
 
 
 def render_diff(report: dict[str, Any]) -> str:
     """The human-readable diff: per-component summary, then each kind of difference (largest first)."""
-    lines = [f"A: {report['a']['path']} ({report['a']['format']}, {report['a']['variant']}, "
-             f"{report['a']['tensors']} tensors)",
-             f"B: {report['b']['path']} ({report['b']['format']}, {report['b']['variant']}, "
-             f"{report['b']['tensors']} tensors)"]
-    lines.append(render_table(report["summary"], ["component", "compared", "identical", "different", "only_in_a",
-                                                  "only_in_b", "max_abs", "max_rel"]))
+    lines = [
+        f"A: {report['a']['path']} ({report['a']['format']}, {report['a']['variant']}, "
+        f"{report['a']['tensors']} tensors)",
+        f"B: {report['b']['path']} ({report['b']['format']}, {report['b']['variant']}, "
+        f"{report['b']['tensors']} tensors)",
+    ]
+    lines.append(
+        render_table(
+            report["summary"],
+            ["component", "compared", "identical", "different", "only_in_a", "only_in_b", "max_abs", "max_rel"],
+        )
+    )
     lines += key_listing("only in A", report["only_in_a"], SHOWN)
     lines += key_listing("only in B", report["only_in_b"], SHOWN)
     diffs = report["differences"]
@@ -213,11 +234,18 @@ def render_diff(report: dict[str, Any]) -> str:
     for item in report["not_comparable"]:
         lines.append(f"not compared: {item['key']} (only in {item['only_in']}; {item['why']})")
     for item in report["nonfinite"][:SHOWN]:
-        lines.append(f"non-finite: {item['key']}: A {item['a_nan']} NaN {item['a_inf']} Inf, "
-                     f"B {item['b_nan']} NaN {item['b_inf']} Inf")
-    verdict = "identical" if report["identical"] else (
-        f"different: {len(diffs)} tensor(s) differ, {len(report['only_in_a'])} only in A, "
-        f"{len(report['only_in_b'])} only in B")
+        lines.append(
+            f"non-finite: {item['key']}: A {item['a_nan']} NaN {item['a_inf']} Inf, "
+            f"B {item['b_nan']} NaN {item['b_inf']} Inf"
+        )
+    verdict = (
+        "identical"
+        if report["identical"]
+        else (
+            f"different: {len(diffs)} tensor(s) differ, {len(report['only_in_a'])} only in A, "
+            f"{len(report['only_in_b'])} only in B"
+        )
+    )
     lines.append(f"result: {verdict} ({report['compared']} tensors compared)")
     return "\n".join(lines)
 

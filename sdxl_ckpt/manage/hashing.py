@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sdxl_ckpt.convert.dtypes import ST_TO_NUMPY
-from sdxl_ckpt.convert.entries import TensorEntry
-from sdxl_ckpt.convert.safetensors_io import SafetensorsFile
 from sdxl_ckpt.errors import CorruptFileError
-from sdxl_ckpt.manage.values import NonFinite, count_nonfinite
+from sdxl_ckpt.formats.dtypes import ST_TO_NUMPY
+from sdxl_ckpt.formats.entries import TensorEntry
+from sdxl_ckpt.formats.nonfinite import NonFinite, count_nonfinite
+from sdxl_ckpt.formats.safetensors_io import SafetensorsFile
 from sdxl_ckpt.progress import byte_bar
 
 CHUNK_BYTES = 16 * 1024 * 1024  # a multiple of every item size
@@ -76,8 +76,9 @@ def hash_safetensors(sf: SafetensorsFile, *, quiet: bool = True) -> ContentHash:
                 want = min(CHUNK_BYTES, until - pos)
                 got = handle.readinto(view[:want])
                 if got != want:  # the file shrank after its header was read
-                    raise CorruptFileError(f"truncated while hashing at byte {pos + got}", path=sf.path,
-                                           key=entry.name if entry else None)
+                    raise CorruptFileError(
+                        f"truncated while hashing at byte {pos + got}", path=sf.path, key=entry.name if entry else None
+                    )
                 chunk = view[:want]
                 whole.update(chunk)
                 if tensor_hash is not None:
@@ -118,4 +119,3 @@ def component_hash(digests: Mapping[str, TensorDigest]) -> str:
     for name in sorted(digests):
         combined.update(bytes.fromhex(digests[name].sha256))
     return combined.hexdigest()
-

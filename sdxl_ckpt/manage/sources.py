@@ -13,15 +13,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdxl_ckpt.convert.ckpt_io import scan_ckpt
-from sdxl_ckpt.convert.diffusers_folder import Component, read_component
-from sdxl_ckpt.convert.diffusers_to_sd import detect_architecture
-from sdxl_ckpt.convert.entries import TensorEntry
-from sdxl_ckpt.convert.safetensors_io import read_safetensors
 from sdxl_ckpt.errors import CorruptFileError, InputError, SdxlCkptError
+from sdxl_ckpt.formats.ckpt_io import scan_ckpt
+from sdxl_ckpt.formats.diffusers_folder import Component, read_component
+from sdxl_ckpt.formats.entries import TensorEntry
+from sdxl_ckpt.formats.safetensors_io import read_safetensors
 from sdxl_ckpt.keymaps import VARIANTS, load_keymap
-from sdxl_ckpt.keymaps.detect import detect_variant
-from sdxl_ckpt.manage.components import DIFFUSERS_FOLDERS, component_of
+from sdxl_ckpt.keymaps.diffusers_plan import detect_architecture
+from sdxl_ckpt.sdxl.components import DIFFUSERS_FOLDERS, component_of
+from sdxl_ckpt.sdxl.detect import detect_variant
 
 FORMAT_LABELS = {
     "sd": "SD safetensors",
@@ -80,8 +80,11 @@ def sniff_format(path: Path) -> str:
     with open(path, "rb") as handle:
         head = handle.read(9)
     if head.startswith(PICKLE_MAGIC):
-        raise InputError("a PyTorch pickle checkpoint (.ckpt/.pt/.bin): not read by this tool, which never unpickles; "
-                         "convert it to safetensors first", path=path)
+        raise InputError(
+            "a PyTorch pickle checkpoint (.ckpt/.pt/.bin): not read by this tool, which never unpickles; "
+            "convert it to safetensors first",
+            path=path,
+        )
     if path.suffix == ".safetensors":
         return "safetensors"
     if path.suffix == ".ckpt":
@@ -111,8 +114,9 @@ def _ms_to_sd(names: list[str], variant: str) -> dict[str, str]:
     return {n: table[n] for n in names if n in table}
 
 
-def _from_tensors(path: Path, fmt: str, files: list[WeightFile], entries: list[TensorEntry],
-                  metadata: dict[str, str], keys: str) -> Checkpoint:
+def _from_tensors(
+    path: Path, fmt: str, files: list[WeightFile], entries: list[TensorEntry], metadata: dict[str, str], keys: str
+) -> Checkpoint:
     shapes = {e.name: e.shape for e in entries}
     if fmt == "sd" and any(n.endswith(MS_SUFFIXES) for n in shapes):
         fmt = "ms-safetensors"
@@ -163,8 +167,9 @@ def _open_diffusers(path: Path, keys: str, variant: str | None) -> Checkpoint:
     else:
         present = [name for name in DIFFUSERS_FOLDERS if (path / name).is_dir()]
         if not present:
-            raise InputError("no unet/, vae/, text_encoder*/ folders and no config.json: not a diffusers folder",
-                             path=path)
+            raise InputError(
+                "no unet/, vae/, text_encoder*/ folders and no config.json: not a diffusers folder", path=path
+            )
         parts = [read_component(name, path / name, variant) for name in present]
         fmt = "diffusers"
     files: list[WeightFile] = []
@@ -186,8 +191,11 @@ def _open_diffusers(path: Path, keys: str, variant: str | None) -> Checkpoint:
         missing = [n for n in needed if n not in present]
         if missing:
             ckpt.notes.append(f"incomplete pipeline: no {', '.join(missing)} folder (diffusers-to-sd needs it)")
-        extra = sorted(p.name for p in path.iterdir() if p.is_dir() and _component_folder_kind(p) == "unet"
-                       and p.name not in DIFFUSERS_FOLDERS)
+        extra = sorted(
+            p.name
+            for p in path.iterdir()
+            if p.is_dir() and _component_folder_kind(p) == "unet" and p.name not in DIFFUSERS_FOLDERS
+        )
         if extra:
             ckpt.notes.append(f"other UNet folders here (not part of the pipeline): {', '.join(extra)}")
     elif parts[0].name == "unet" and parts[0].config.get("time_cond_proj_dim"):

@@ -1,4 +1,4 @@
-"""A small MindSpore SDXL whose parameter names ARE the MindSpore keymap names (issue 5).
+"""A small MindSpore SDXL whose parameter names ARE the MindSpore keymap names.
 
 Networks and loading: ``config`` (shapes from diffusers configs, presets), ``text_encoders``, ``conditioner``,
 ``unet``, ``vae``, ``model`` (the whole net, nested like sgm), ``loader`` (strict streaming fill), ``api``
@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-_LAZY = {"SDXLRuntime": "sdxl_ckpt.sdxl_runtime.api", "SDXLConfig": "sdxl_ckpt.sdxl_runtime.config",
-         "preset": "sdxl_ckpt.sdxl_runtime.config", "from_diffusers_configs": "sdxl_ckpt.sdxl_runtime.config",
-         "from_metadata": "sdxl_ckpt.sdxl_runtime.config"}
+_LAZY = {
+    "SDXLRuntime": "sdxl_ckpt.sdxl_runtime.api",
+    "SDXLConfig": "sdxl_ckpt.sdxl_runtime.config",
+    "preset": "sdxl_ckpt.sdxl_runtime.config",
+    "from_diffusers_configs": "sdxl_ckpt.sdxl_runtime.config",
+    "from_metadata": "sdxl_ckpt.sdxl_runtime.config",
+}
 
 __all__ = sorted(_LAZY)
 

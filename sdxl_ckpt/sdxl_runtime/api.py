@@ -22,8 +22,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from sdxl_ckpt.convert.entries import TensorEntry
 from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.sdxl_runtime.config import SDXLConfig, from_metadata, with_cond_proj
 from sdxl_ckpt.sdxl_runtime.device import Runtime, configure
 from sdxl_ckpt.sdxl_runtime.loader import LoadReport, load_entries, read_entries
@@ -67,8 +67,9 @@ def _batch(value: object, batch: int, width: int, name: str) -> np.ndarray:
 class SDXLRuntime:
     """An SDXL network on one device and dtype, with numpy entry points for the stages verify compares."""
 
-    def __init__(self, config: SDXLConfig, device: str = "CPU", dtype: str = "fp32",
-                 components: Iterable[str] = ALL_COMPONENTS) -> None:
+    def __init__(
+        self, config: SDXLConfig, device: str = "CPU", dtype: str = "fp32", components: Iterable[str] = ALL_COMPONENTS
+    ) -> None:
         configure(device)
         self.config = config
         self.rt = Runtime(device, dtype)
@@ -77,9 +78,15 @@ class SDXLRuntime:
         self.notes: list[str] = []
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, config: SDXLConfig | None = None, device: str = "CPU",
-                        dtype: str = "fp32", components: Iterable[str] = ALL_COMPONENTS,
-                        quiet: bool = True) -> SDXLRuntime:
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        config: SDXLConfig | None = None,
+        device: str = "CPU",
+        dtype: str = "fp32",
+        components: Iterable[str] = ALL_COMPONENTS,
+        quiet: bool = True,
+    ) -> SDXLRuntime:
         """Build the network for ``path`` and fill it strictly (KeyMismatchError naming keys otherwise).
 
         ``config`` None: read from the file's ``sdxl_ckpt.config.*`` metadata (SD/MS-named safetensors only).
@@ -87,8 +94,11 @@ class SDXLRuntime:
         entries, metadata = read_entries(path)
         if config is None:
             if not metadata:
-                raise InputError("no config given and the file carries none (a .ckpt has no metadata): pass one, "
-                                 "e.g. sdxl_runtime.config.preset('base')", path=path)
+                raise InputError(
+                    "no config given and the file carries none (a .ckpt has no metadata): pass one, "
+                    "e.g. sdxl_runtime.config.preset('base')",
+                    path=path,
+                )
             config = from_metadata(metadata)
         config, notes = fit_optional_parts(config, entries)
         runtime = cls(config, device, dtype, components)
@@ -107,8 +117,9 @@ class SDXLRuntime:
 
     # --- conditioning ---------------------------------------------------------------------------------------
 
-    def encode_text(self, ids_l: np.ndarray | None, ids_g: np.ndarray
-                    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    def encode_text(
+        self, ids_l: np.ndarray | None, ids_g: np.ndarray
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """Token ids [B, N] -> (CLIP-L hidden of layer L-1 [B, N, 768] or None (refiner),
         OpenCLIP penultimate hidden [B, N, 1280], OpenCLIP pooled [B, 1280]); float32."""
         self._need("conditioner")
@@ -116,11 +127,16 @@ class SDXLRuntime:
         as_np = _to_numpy
         return (as_np(clip_l) if clip_l is not None else None), as_np(hidden), as_np(pooled)
 
-    def conditioning(self, clip_l_hidden: np.ndarray | None, openclip_hidden: np.ndarray, pooled: np.ndarray,
-                     original_size: Sequence[float] | np.ndarray = (1024, 1024),
-                     crop_coords_top_left: Sequence[float] | np.ndarray = (0, 0),
-                     target_size: Sequence[float] | np.ndarray = (1024, 1024),
-                     aesthetic_score: float | np.ndarray = 6.0) -> tuple[np.ndarray, np.ndarray]:
+    def conditioning(
+        self,
+        clip_l_hidden: np.ndarray | None,
+        openclip_hidden: np.ndarray,
+        pooled: np.ndarray,
+        original_size: Sequence[float] | np.ndarray = (1024, 1024),
+        crop_coords_top_left: Sequence[float] | np.ndarray = (0, 0),
+        target_size: Sequence[float] | np.ndarray = (1024, 1024),
+        aesthetic_score: float | np.ndarray = 6.0,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """-> (context [B, N, 2048 | 1280], y [B, 2816 | 2560]). Sizes are (height, width); crop is (top, left).
 
         base: y = [pooled | orig | crop | target]; refiner: y = [pooled | orig | crop | aesthetic_score]
@@ -131,10 +147,16 @@ class SDXLRuntime:
         if (clip_l_hidden is None) != self.config.is_refiner:
             raise InputError("the base model needs both hidden states; the refiner only OpenCLIP's")
         context = np.concatenate([np.asarray(h, dtype=np.float32) for h in hiddens], axis=-1)
-        last = (_batch(aesthetic_score, b, 1, "aesthetic_score") if self.config.is_refiner
-                else _batch(target_size, b, 2, "target_size"))
-        sizes = [_batch(original_size, b, 2, "original_size"),
-                 _batch(crop_coords_top_left, b, 2, "crop_coords_top_left"), last]
+        last = (
+            _batch(aesthetic_score, b, 1, "aesthetic_score")
+            if self.config.is_refiner
+            else _batch(target_size, b, 2, "target_size")
+        )
+        sizes = [
+            _batch(original_size, b, 2, "original_size"),
+            _batch(crop_coords_top_left, b, 2, "crop_coords_top_left"),
+            last,
+        ]
         if "conditioner" in self.net.components:
             y = _to_numpy(self.net.conditioner.vector(Tensor(np.asarray(pooled, np.float32)), sizes))
         else:  # the size embedders have no parameters: build them on their own
@@ -146,16 +168,21 @@ class SDXLRuntime:
 
     # --- UNet -----------------------------------------------------------------------------------------------
 
-    def unet(self, x: np.ndarray, t: float | np.ndarray, context: np.ndarray, y: np.ndarray,
-             w_cond: np.ndarray | None = None) -> np.ndarray:
+    def unet(
+        self, x: np.ndarray, t: float | np.ndarray, context: np.ndarray, y: np.ndarray, w_cond: np.ndarray | None = None
+    ) -> np.ndarray:
         """One UNet evaluation: x [B, 4, h, w], t scalar or [B] timesteps, context [B, N, C], y [B, adm],
         w_cond [B, time_cond_proj_dim] (LCM with time_cond_proj only; see ``guidance_embedding``) -> eps."""
         self._need("unet")
         x = np.asarray(x, dtype=np.float32)
         t = np.broadcast_to(np.asarray(t, dtype=np.float32).reshape(-1), (x.shape[0],))
         out = self.net.model.diffusion_model(
-            Tensor(x), Tensor(np.ascontiguousarray(t)), Tensor(np.asarray(context, np.float32)),
-            Tensor(np.asarray(y, np.float32)), None if w_cond is None else Tensor(np.asarray(w_cond, np.float32)))
+            Tensor(x),
+            Tensor(np.ascontiguousarray(t)),
+            Tensor(np.asarray(context, np.float32)),
+            Tensor(np.asarray(y, np.float32)),
+            None if w_cond is None else Tensor(np.asarray(w_cond, np.float32)),
+        )
         return _to_numpy(out)
 
     def guidance_embedding(self, guidance_scale: float | np.ndarray, batch: int) -> np.ndarray:

@@ -40,8 +40,11 @@ class GeneralConditioner(nn.Cell):
         super().__init__()
         self.config = config
         dim = config.unet.addition_time_embed_dim
-        size_keys = ("original_size_as_tuple", "crop_coords_top_left",
-                     "aesthetic_score" if config.is_refiner else "target_size_as_tuple")
+        size_keys = (
+            "original_size_as_tuple",
+            "crop_coords_top_left",
+            "aesthetic_score" if config.is_refiner else "target_size_as_tuple",
+        )
         text: list[nn.Cell] = []
         if with_text:
             if config.clip_l is not None:

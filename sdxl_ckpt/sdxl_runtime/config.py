@@ -118,6 +118,7 @@ class SDXLConfig:
 
 # --- from diffusers / transformers config.json -------------------------------------------------------------------
 
+
 def _per_level(value: Any, n: int, name: str) -> tuple[int, ...]:
     """diffusers allows an int for "every level" or a list with one entry per level."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -140,16 +141,28 @@ def _has_attention(block_type: str) -> bool:
 
 def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     """UNet2DConditionModel's config.json -> UNetConfig (rules of UNet2DConditionModel.__init__)."""
-    for key, allowed in (("addition_embed_type", ("text_time",)), ("use_linear_projection", (True,)),
-                         ("mid_block_type", ("UNetMidBlock2DCrossAttn",)), ("flip_sin_to_cos", (True,)),
-                         ("freq_shift", (0,)), ("resnet_time_scale_shift", ("default",)),
-                         ("time_embedding_type", ("positional",)), ("class_embed_type", (None,)),
-                         ("encoder_hid_dim_type", (None,)), ("time_embedding_dim", (None,)),
-                         ("conv_in_kernel", (3,)), ("conv_out_kernel", (3,)), ("act_fn", ("silu",)),
-                         ("upcast_attention", (None, False)), ("only_cross_attention", (False,)),
-                         ("dual_cross_attention", (False,)), ("time_embedding_act_fn", (None,)),
-                         ("timestep_post_act", (None,)), ("mid_block_scale_factor", (1, 1.0)),
-                         ("resnet_out_scale_factor", (1.0, 1))):
+    for key, allowed in (
+        ("addition_embed_type", ("text_time",)),
+        ("use_linear_projection", (True,)),
+        ("mid_block_type", ("UNetMidBlock2DCrossAttn",)),
+        ("flip_sin_to_cos", (True,)),
+        ("freq_shift", (0,)),
+        ("resnet_time_scale_shift", ("default",)),
+        ("time_embedding_type", ("positional",)),
+        ("class_embed_type", (None,)),
+        ("encoder_hid_dim_type", (None,)),
+        ("time_embedding_dim", (None,)),
+        ("conv_in_kernel", (3,)),
+        ("conv_out_kernel", (3,)),
+        ("act_fn", ("silu",)),
+        ("upcast_attention", (None, False)),
+        ("only_cross_attention", (False,)),
+        ("dual_cross_attention", (False,)),
+        ("time_embedding_act_fn", (None,)),
+        ("timestep_post_act", (None,)),
+        ("mid_block_scale_factor", (1, 1.0)),
+        ("resnet_out_scale_factor", (1.0, 1)),
+    ):
         _require(cfg, "unet", key, allowed)
     channels = tuple(cfg["block_out_channels"])
     n = len(channels)
@@ -160,8 +173,11 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     depth = _per_level(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
     reverse_depth = cfg.get("reverse_transformer_layers_per_block")
     # diffusers indexes up blocks from the lowest resolution; levels count from the highest
-    depth_up = tuple(reversed(_per_level(reverse_depth, n, "reverse_transformer_layers_per_block"))) \
-        if reverse_depth is not None else depth
+    depth_up = (
+        tuple(reversed(_per_level(reverse_depth, n, "reverse_transformer_layers_per_block")))
+        if reverse_depth is not None
+        else depth
+    )
     layers = _per_level(cfg.get("layers_per_block", 2), n, "layers_per_block")
     for level, c in enumerate(channels):
         if c % heads[level]:
@@ -189,8 +205,12 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
 
 def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> VAEConfig:
     """AutoencoderKL's config.json -> VAEConfig."""
-    for key, allowed in (("act_fn", ("silu",)), ("use_quant_conv", (True,)), ("use_post_quant_conv", (True,)),
-                         ("mid_block_add_attention", (True,))):
+    for key, allowed in (
+        ("act_fn", ("silu",)),
+        ("use_quant_conv", (True,)),
+        ("use_post_quant_conv", (True,)),
+        ("mid_block_add_attention", (True,)),
+    ):
         _require(cfg, "vae", key, allowed)
     return VAEConfig(
         in_channels=int(cfg.get("in_channels", 3)),
@@ -238,9 +258,13 @@ def _as_dict(value: Mapping[str, Any] | str | None, name: str) -> dict[str, Any]
     return parsed
 
 
-def from_diffusers_configs(unet: Mapping[str, Any] | str, vae: Mapping[str, Any] | str,
-                           text_encoder: Mapping[str, Any] | str | None,
-                           text_encoder_2: Mapping[str, Any] | str, variant: str | None = None) -> SDXLConfig:
+def from_diffusers_configs(
+    unet: Mapping[str, Any] | str,
+    vae: Mapping[str, Any] | str,
+    text_encoder: Mapping[str, Any] | str | None,
+    text_encoder_2: Mapping[str, Any] | str,
+    variant: str | None = None,
+) -> SDXLConfig:
     """The four component config.json dicts (or their JSON text) -> SDXLConfig.
 
     ``text_encoder`` None means a refiner. ``variant`` (base|refiner|lcm) defaults to what the configs say;
@@ -287,26 +311,17 @@ def check_consistent(config: SDXLConfig) -> None:
 
 # --- presets: the official SDXL 1.0 configs ------------------------------------------------------------------
 
+
 def preset(variant: str) -> SDXLConfig:
     """The real full-size SDXL 1.0 base / refiner config (lcm: base structure, as latent-consistency/lcm-sdxl)."""
-    from sdxl_ckpt.tiny_model import full_configs
+    from sdxl_ckpt.sdxl.configs import full_configs
 
     if variant not in VARIANTS:
         raise InputError(f"unknown variant {variant!r} (expected one of {', '.join(VARIANTS)})")
-    return from_diffusers_configs(**{c: v for c, v in full_configs(variant).items()}
-                                  | ({"text_encoder": None} if variant == "refiner" else {}), variant=variant)
-
-
-def tiny(variant: str, cond_proj: bool = False) -> SDXLConfig:
-    """The tiny SDXL-shaped config of TEAM.md (the one ``sdxl_ckpt.tiny_model`` builds its folders with)."""
-    from sdxl_ckpt.tiny_model import TINY_COND_PROJ_DIM, tiny_configs
-
-    if variant not in VARIANTS:
-        raise InputError(f"unknown variant {variant!r} (expected one of {', '.join(VARIANTS)})")
-    configs = tiny_configs(variant)
-    config = from_diffusers_configs(**configs | ({"text_encoder": None} if variant == "refiner" else {}),
-                                    variant=variant)
-    return with_cond_proj(config, TINY_COND_PROJ_DIM) if cond_proj else config
+    return from_diffusers_configs(
+        **{c: v for c, v in full_configs(variant).items()} | ({"text_encoder": None} if variant == "refiner" else {}),
+        variant=variant,
+    )
 
 
 def with_cond_proj(config: SDXLConfig, dim: int | None) -> SDXLConfig:

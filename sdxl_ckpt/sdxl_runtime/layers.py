@@ -21,8 +21,7 @@ from sdxl_ckpt.sdxl_runtime.device import Runtime
 
 def dense(in_features: int, out_features: int, rt: Runtime, bias: bool = True) -> nn.Dense:
     """A Linear layer (``weight`` [out, in], ``bias`` [out])."""
-    return nn.Dense(in_features, out_features, weight_init="zeros", bias_init="zeros", has_bias=bias,
-                    dtype=rt.ms_dtype)
+    return nn.Dense(in_features, out_features, weight_init="zeros", bias_init="zeros", has_bias=bias, dtype=rt.ms_dtype)
 
 
 IM2COL_CHUNK_BYTES = 256 * 1024 * 1024  # largest unfolded input built at once (a 1024px VAE decode needs GBs)
@@ -36,8 +35,9 @@ class Conv2d(nn.Cell):
     the unfolded input stays under ``IM2COL_CHUNK_BYTES``. GPU / Ascend use the native kernel.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, rt: Runtime, stride: int = 1,
-                 padding: int = 0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel: int, rt: Runtime, stride: int = 1, padding: int = 0
+    ) -> None:
         super().__init__()
         self.weight = Parameter(initializer("zeros", (out_channels, in_channels, kernel, kernel), rt.ms_dtype))
         self.bias = Parameter(initializer("zeros", (out_channels,), rt.ms_dtype))
@@ -46,8 +46,14 @@ class Conv2d(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         if self.native:
-            return ops.conv2d(x, self.weight, self.bias, stride=self.stride,
-                              pad_mode="pad" if self.padding else "valid", padding=self.padding)
+            return ops.conv2d(
+                x,
+                self.weight,
+                self.bias,
+                stride=self.stride,
+                pad_mode="pad" if self.padding else "valid",
+                padding=self.padding,
+            )
         return self._im2col(x)
 
     def _im2col(self, x: Tensor) -> Tensor:
@@ -66,15 +72,17 @@ class Conv2d(nn.Cell):
         outs = []
         for r0 in range(0, ho, rows):
             r1 = min(ho, r0 + rows)
-            taps = [x[:, :, r0 * s + i: (r1 - 1) * s + i + 1: s, j: (wo - 1) * s + j + 1: s]
-                    for i in range(k) for j in range(k)]
+            taps = [
+                x[:, :, r0 * s + i : (r1 - 1) * s + i + 1 : s, j : (wo - 1) * s + j + 1 : s]
+                for i in range(k)
+                for j in range(k)
+            ]
             cols = ops.stack(taps, axis=2).reshape(b, c * k * k, (r1 - r0) * wo)  # [B, C*k*k, rows*Wo]
             outs.append((ops.matmul(weight, cols) + bias).reshape(b, o, r1 - r0, wo))
         return outs[0] if len(outs) == 1 else ops.cat(outs, axis=2)
 
 
-def conv2d(in_channels: int, out_channels: int, kernel: int, rt: Runtime, stride: int = 1,
-           padding: int = 0) -> Conv2d:
+def conv2d(in_channels: int, out_channels: int, kernel: int, rt: Runtime, stride: int = 1, padding: int = 0) -> Conv2d:
     """A Conv2d with bias and symmetric zero padding (``padding`` 0 means none)."""
     return Conv2d(in_channels, out_channels, kernel, rt, stride, padding)
 
@@ -83,12 +91,12 @@ class GroupNorm(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the activation dtype (sgm's GroupNorm32); ``gamma``/``beta``."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float, rt: Runtime) -> None:
-        super().__init__(num_groups, num_channels, eps=eps, gamma_init="zeros", beta_init="zeros",
-                         dtype=rt.ms_dtype)
+        super().__init__(num_groups, num_channels, eps=eps, gamma_init="zeros", beta_init="zeros", dtype=rt.ms_dtype)
 
     def construct(self, x: Tensor) -> Tensor:
-        out = ops.group_norm(x.astype(ms.float32), self.num_groups, self.gamma.astype(ms.float32),
-                             self.beta.astype(ms.float32), self.eps)
+        out = ops.group_norm(
+            x.astype(ms.float32), self.num_groups, self.gamma.astype(ms.float32), self.beta.astype(ms.float32), self.eps
+        )
         return out.astype(x.dtype)
 
 
@@ -100,8 +108,7 @@ class LayerNorm(nn.LayerNorm):
 
     def construct(self, x: Tensor) -> Tensor:
         # the LayerNorm primitive of nn.LayerNorm (ops.layer_norm has no CPU kernel)
-        out, _, _ = self.layer_norm(x.astype(ms.float32), self.gamma.astype(ms.float32),
-                                    self.beta.astype(ms.float32))
+        out, _, _ = self.layer_norm(x.astype(ms.float32), self.gamma.astype(ms.float32), self.beta.astype(ms.float32))
         return out.astype(x.dtype)
 
 
@@ -153,8 +160,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, rt: Runtime, mask: Te
     """
     scale = 1.0 / math.sqrt(q.shape[-1] // heads)
     if rt.flash_attention and mask is None:
-        out = ops.flash_attention_score(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), heads,
-                                        scalar_value=scale, input_layout="BNSD")
+        out = ops.flash_attention_score(
+            split_heads(q, heads),
+            split_heads(k, heads),
+            split_heads(v, heads),
+            heads,
+            scalar_value=scale,
+            input_layout="BNSD",
+        )
         return merge_heads(out)
     qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
     scores = ops.matmul(qh, kh.transpose(0, 1, 3, 2)).astype(ms.float32) * scale

@@ -8,7 +8,7 @@ The runtime's parameter names ARE the MindSpore keymap names, so loading is a ch
 The network's parameters are created lazily (nothing allocated before their fill), so peak memory is the network
 plus one tensor: a full-size fp32 base (about 14 GB of weights) fits a 24 GB machine.
 
-Accepted files: a MindSpore ``.ckpt`` (scanned by ``sdxl_ckpt.convert.ckpt_io.scan_ckpt``) and a safetensors
+Accepted files: a MindSpore ``.ckpt`` (scanned by ``sdxl_ckpt.formats.ckpt_io.scan_ckpt``) and a safetensors
 file holding MindSpore names (what ``st-to-ms --format safetensors`` writes).
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from mindspore import Tensor
 
-from sdxl_ckpt.convert.dtypes import FLOAT_DTYPES, to_float32
-from sdxl_ckpt.convert.entries import TensorEntry
 from sdxl_ckpt.errors import KeyMismatchError, require_file
+from sdxl_ckpt.formats.dtypes import FLOAT_DTYPES, to_float32
+from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.progress import byte_bar
 from sdxl_ckpt.sdxl_runtime.model import SDXLNet, component_of
 
@@ -60,11 +60,11 @@ def read_entries(path: str | os.PathLike) -> tuple[list[TensorEntry], dict[str, 
     """Lazy entries (+ metadata, empty for a .ckpt) of a MindSpore-named checkpoint; no tensor bytes read."""
     path = require_file(path)
     if _is_safetensors(path):
-        from sdxl_ckpt.convert.safetensors_io import read_safetensors
+        from sdxl_ckpt.formats.safetensors_io import read_safetensors
 
         st = read_safetensors(path)
         return list(st.entries), dict(st.metadata)
-    from sdxl_ckpt.convert.ckpt_io import scan_ckpt
+    from sdxl_ckpt.formats.ckpt_io import scan_ckpt
 
     return list(scan_ckpt(path).entries), {}
 
@@ -75,8 +75,7 @@ def _named(keys: Sequence[str]) -> str:
     return shown + (f" (and {more} more)" if more > 0 else "")
 
 
-def check_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = None
-                  ) -> tuple[list[TensorEntry], int]:
+def check_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = None) -> tuple[list[TensorEntry], int]:
     """The entries that fill ``net`` (file order) and how many belong to components not built; else raise.
 
     Raises KeyMismatchError listing every parameter left unset, every unused key, every shape or dtype that
@@ -121,8 +120,7 @@ def check_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = N
     return wanted, skipped
 
 
-def load_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = None, quiet: bool = True
-                 ) -> LoadReport:
+def load_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = None, quiet: bool = True) -> LoadReport:
     """Check, then fill ``net`` from ``entries`` one tensor at a time (each cast to its parameter's dtype)."""
     start = time.perf_counter()
     wanted, skipped = check_entries(net, entries, path)

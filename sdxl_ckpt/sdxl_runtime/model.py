@@ -35,8 +35,9 @@ def component_of(key: str) -> str | None:
 class SDXLNet(nn.Cell):
     """Top-level cell; ``components`` says which of conditioner / unet / vae exist."""
 
-    def __init__(self, config: SDXLConfig, rt: Runtime | None = None,
-                 components: Iterable[str] = ALL_COMPONENTS) -> None:
+    def __init__(
+        self, config: SDXLConfig, rt: Runtime | None = None, components: Iterable[str] = ALL_COMPONENTS
+    ) -> None:
         super().__init__()
         rt = rt or Runtime()
         self.config, self.rt = config, rt

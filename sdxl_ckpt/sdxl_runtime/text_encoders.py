@@ -41,6 +41,7 @@ def eot_positions(ids: np.ndarray, eos_token_id: int) -> np.ndarray:
 
 # --- CLIP ViT-L, Hugging Face layout ------------------------------------------------------------------------------
 
+
 class CLIPAttention(nn.Cell):
     def __init__(self, cfg: TextEncoderConfig, rt: Runtime) -> None:
         super().__init__()
@@ -135,6 +136,7 @@ class FrozenCLIPEmbedder(nn.Cell):
 
 # --- OpenCLIP ViT-bigG, open_clip layout --------------------------------------------------------------------------
 
+
 class OpenCLIPAttention(nn.Cell):
     """torch.nn.MultiheadAttention's parameters: fused ``in_proj_weight`` [3C, C] (q, k, v) and ``out_proj``."""
 
@@ -189,8 +191,7 @@ class OpenCLIPTextModel(nn.Cell):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size, rt)
-        self.positional_embedding = Parameter(initializer("zeros", (cfg.max_positions, cfg.hidden_size),
-                                                          rt.ms_dtype))
+        self.positional_embedding = Parameter(initializer("zeros", (cfg.max_positions, cfg.hidden_size), rt.ms_dtype))
         self.transformer = OpenCLIPTransformer(cfg, rt)
         self.ln_final = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, rt)
         self.text_projection = Parameter(initializer("zeros", (cfg.hidden_size, cfg.projection_dim), rt.ms_dtype))

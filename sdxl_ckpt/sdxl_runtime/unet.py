@@ -39,12 +39,22 @@ class ResBlock(nn.Cell):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, cfg: UNetConfig, rt: Runtime) -> None:
         super().__init__()
-        self.in_layers = nn.SequentialCell([GroupNorm(cfg.norm_num_groups, channels, cfg.norm_eps, rt), nn.SiLU(),
-                                            conv2d(channels, out_channels, 3, rt, padding=1)])
+        self.in_layers = nn.SequentialCell(
+            [
+                GroupNorm(cfg.norm_num_groups, channels, cfg.norm_eps, rt),
+                nn.SiLU(),
+                conv2d(channels, out_channels, 3, rt, padding=1),
+            ]
+        )
         self.emb_layers = nn.SequentialCell([nn.SiLU(), dense(emb_channels, out_channels, rt)])
-        self.out_layers = nn.SequentialCell([GroupNorm(cfg.norm_num_groups, out_channels, cfg.norm_eps, rt),
-                                             nn.SiLU(), nn.Identity(),
-                                             conv2d(out_channels, out_channels, 3, rt, padding=1)])
+        self.out_layers = nn.SequentialCell(
+            [
+                GroupNorm(cfg.norm_num_groups, out_channels, cfg.norm_eps, rt),
+                nn.SiLU(),
+                nn.Identity(),
+                conv2d(out_channels, out_channels, 3, rt, padding=1),
+            ]
+        )
         self.has_skip_conv = channels != out_channels
         if self.has_skip_conv:
             self.skip_connection = conv2d(channels, out_channels, 1, rt)
@@ -119,8 +129,7 @@ class SpatialTransformer(nn.Cell):
         super().__init__()
         self.norm = GroupNorm(cfg.norm_num_groups, channels, cfg.transformer_norm_eps, rt)
         self.proj_in = dense(channels, channels, rt)
-        self.transformer_blocks = nn.CellList([BasicTransformerBlock(channels, heads, cfg, rt)
-                                               for _ in range(depth)])
+        self.transformer_blocks = nn.CellList([BasicTransformerBlock(channels, heads, cfg, rt) for _ in range(depth)])
         self.proj_out = dense(channels, channels, rt)
 
     def construct(self, x: Tensor, context: Tensor) -> Tensor:
@@ -168,8 +177,9 @@ class UNetModel(nn.Cell):
         self.time_embed = nn.SequentialCell([dense(mc, ted, rt), nn.SiLU(), dense(ted, ted, rt)])
         if cfg.time_cond_proj_dim is not None:
             self.time_cond_proj = dense(cfg.time_cond_proj_dim, mc, rt, bias=False)
-        self.label_emb = nn.SequentialCell([nn.SequentialCell([dense(cfg.adm_in_channels, ted, rt), nn.SiLU(),
-                                                               dense(ted, ted, rt)])])
+        self.label_emb = nn.SequentialCell(
+            [nn.SequentialCell([dense(cfg.adm_in_channels, ted, rt), nn.SiLU(), dense(ted, ted, rt)])]
+        )
 
         def transformer(level: int, channels: int, depth: int) -> SpatialTransformer:
             return SpatialTransformer(channels, cfg.num_heads[level], depth, cfg, rt)
@@ -189,11 +199,13 @@ class UNetModel(nn.Cell):
                 skip_channels.append(ch)
         self.input_blocks = nn.CellList([TimestepEmbedSequential(b) for b in blocks])
 
-        self.middle_block = TimestepEmbedSequential([
-            ResBlock(ch, ted, ch, cfg, rt),
-            SpatialTransformer(ch, cfg.num_heads_middle, cfg.transformer_depth_middle, cfg, rt),
-            ResBlock(ch, ted, ch, cfg, rt),
-        ])
+        self.middle_block = TimestepEmbedSequential(
+            [
+                ResBlock(ch, ted, ch, cfg, rt),
+                SpatialTransformer(ch, cfg.num_heads_middle, cfg.transformer_depth_middle, cfg, rt),
+                ResBlock(ch, ted, ch, cfg, rt),
+            ]
+        )
 
         blocks = []
         for level in reversed(range(cfg.num_levels)):
@@ -207,8 +219,13 @@ class UNetModel(nn.Cell):
                     layers.append(Upsample(ch, rt))
                 blocks.append(layers)
         self.output_blocks = nn.CellList([TimestepEmbedSequential(b) for b in blocks])
-        self.out = nn.SequentialCell([GroupNorm(cfg.norm_num_groups, ch, cfg.norm_eps, rt), nn.SiLU(),
-                                      conv2d(mc, cfg.out_channels, 3, rt, padding=1)])
+        self.out = nn.SequentialCell(
+            [
+                GroupNorm(cfg.norm_num_groups, ch, cfg.norm_eps, rt),
+                nn.SiLU(),
+                conv2d(mc, cfg.out_channels, 3, rt, padding=1),
+            ]
+        )
 
     def embed(self, t: Tensor, y: Tensor, w_cond: Tensor | None = None) -> Tensor:
         """Time (+ guidance) embedding plus the label (y) embedding: the ``emb`` every ResBlock receives."""

@@ -87,8 +87,9 @@ class Mid(nn.Cell):
 class Level(nn.Cell):
     """One resolution: ``block`` (resnets) and optionally ``downsample`` (encoder) or ``upsample`` (decoder)."""
 
-    def __init__(self, widths: list[tuple[int, int]], resample: nn.Cell | None, name: str, cfg: VAEConfig,
-                 rt: Runtime) -> None:
+    def __init__(
+        self, widths: list[tuple[int, int]], resample: nn.Cell | None, name: str, cfg: VAEConfig, rt: Runtime
+    ) -> None:
         super().__init__()
         self.block = nn.CellList([ResnetBlock(i, o, cfg, rt) for i, o in widths])
         self.resample_name = name if resample is not None else None

@@ -48,10 +48,17 @@ class StageResult:
             return v if v is None or math.isfinite(v) else None
 
         return {
-            "stage": self.name, "reference": self.reference, "rel_l2": finite(self.rel_l2),
-            "max_abs": finite(self.max_abs), "cosine": self.cosine, "tol": self.tolerance,
-            "levels_max": self.levels_max, "levels_mean": self.levels_mean, "psnr": finite(self.psnr),
-            "ok": "ok" if self.passed else "FAIL", "note": self.note,
+            "stage": self.name,
+            "reference": self.reference,
+            "rel_l2": finite(self.rel_l2),
+            "max_abs": finite(self.max_abs),
+            "cosine": self.cosine,
+            "tol": self.tolerance,
+            "levels_max": self.levels_max,
+            "levels_mean": self.levels_mean,
+            "psnr": finite(self.psnr),
+            "ok": "ok" if self.passed else "FAIL",
+            "note": self.note,
         }
 
 
@@ -108,14 +115,31 @@ def to_uint8(image01: np.ndarray) -> np.ndarray:
     return (np.asarray(image01, np.float32) * 255).round().astype(np.uint8)
 
 
-def compare(name: str, reference: str, ours: np.ndarray | None, ref: np.ndarray, tol: Tolerances,
-            image: bool = False, ref_u8: np.ndarray | None = None, note: str = "") -> StageResult:
+def compare(
+    name: str,
+    reference: str,
+    ours: np.ndarray | None,
+    ref: np.ndarray,
+    tol: Tolerances,
+    image: bool = False,
+    ref_u8: np.ndarray | None = None,
+    note: str = "",
+) -> StageResult:
     """Judge one stage; a missing or wrongly shaped result fails with a note instead of raising."""
     rtol = tol.rtol(name)
     if ours is None or np.shape(ours) != np.shape(ref):
         why = "not computed" if ours is None else f"shape {list(np.shape(ours))} vs reference {list(np.shape(ref))}"
-        return StageResult(name, reference, math.inf, math.inf, 0.0, rtol, False, tuple(np.shape(ref)),
-                           note="; ".join(x for x in (note, why) if x))
+        return StageResult(
+            name,
+            reference,
+            math.inf,
+            math.inf,
+            0.0,
+            rtol,
+            False,
+            tuple(np.shape(ref)),
+            note="; ".join(x for x in (note, why) if x),
+        )
     rel, max_abs, cos = metrics(ours, ref)
     passed = bool(np.isfinite(rel)) and rel <= rtol
     result = StageResult(name, reference, rel, max_abs, cos, rtol, passed, tuple(np.shape(ref)), note=note)
@@ -139,5 +163,9 @@ def first_failure(results: list[StageResult]) -> StageResult | None:
 
 def report_dict(results: list[StageResult], context: Mapping[str, Any]) -> dict[str, Any]:
     failed = first_failure(results)
-    return {**context, "passed": failed is None, "first_failure": failed.name if failed else None,
-            "stages": [r.row() for r in results]}
+    return {
+        **context,
+        "passed": failed is None,
+        "first_failure": failed.name if failed else None,
+        "stages": [r.row() for r in results],
+    }

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sdxl_ckpt.errors import InputError, KeyMismatchError
+from sdxl_ckpt.formats.reference_npz import Reference
 from sdxl_ckpt.sdxl_runtime.sampling import (
     DiscreteDenoiser,
     LegacyDDPMDiscretization,
@@ -36,7 +37,6 @@ from sdxl_ckpt.sdxl_runtime.sampling import (
     sample_lcm,
 )
 from sdxl_ckpt.verify.compare import StageResult, Tolerances, compare, first_failure, report_dict
-from sdxl_ckpt.verify.refdata import Reference
 
 VERIFY_SAMPLERS = ("euler", "dpmpp_2m", "lcm")
 
@@ -68,6 +68,7 @@ class Session:
 
 
 # --- stage computations (each returns our array; may stash results in session.ours) ---------------------------
+
 
 def _schedule(ss: Session) -> np.ndarray:
     sched = ss.ref.meta["schedule"]
@@ -109,16 +110,18 @@ def _conditioning(ss: Session) -> None:
     time_ids = ss.ref["time_ids"]  # [B, 6 | 5] rows in batch order [uncond, cond]
     rows = {"uncond": time_ids[0:1], "cond": time_ids[-1:]}
     result = {}
-    for b in (["uncond", "cond"] if ss.cfg else ["cond"]):
+    for b in ["uncond", "cond"] if ss.cfg else ["cond"]:
         te = ss.ours["te"].get(b)
         if te is None:  # force_zeros_for_empty_prompt: zero text embeddings, real size embeddings
             cl, cg, pooled = (np.zeros_like(x) if x is not None else None for x in ss.ours["te"]["cond"])
         else:
             cl, cg, pooled = te
         r = rows[b][0]
-        sizes = ({"original_size": r[0:2], "crop_coords_top_left": r[2:4], "aesthetic_score": r[4:5]}
-                 if ss.refiner else
-                 {"original_size": r[0:2], "crop_coords_top_left": r[2:4], "target_size": r[4:6]})
+        sizes = (
+            {"original_size": r[0:2], "crop_coords_top_left": r[2:4], "aesthetic_score": r[4:5]}
+            if ss.refiner
+            else {"original_size": r[0:2], "crop_coords_top_left": r[2:4], "target_size": r[4:6]}
+        )
         context, y = ss.rt.conditioning(cl, cg, pooled, **sizes)
         result[b] = {"context": context, "y": y}
         if ss.rt.config.unet.time_cond_proj_dim is not None:
@@ -159,8 +162,13 @@ def _sample(ss: Session) -> None:
     def network(x: np.ndarray, t: np.ndarray, cond: dict[str, np.ndarray]) -> np.ndarray:
         return ss.rt.unet(x, t, cond["context"], cond["y"], cond.get("w_cond"))
 
-    denoise = make_denoise(network, DiscreteDenoiser(ss.ours["disc"].table), make_guider(ss.s["guidance"], ss.cfg),
-                           conds["cond"], conds.get("uncond"))
+    denoise = make_denoise(
+        network,
+        DiscreteDenoiser(ss.ours["disc"].table),
+        make_guider(ss.s["guidance"], ss.cfg),
+        conds["cond"],
+        conds.get("uncond"),
+    )
     if ss.refiner:
         z = ss.ours.get("init_latent")
         x = img2img_sample(z if z is not None else _init_latent(ss), noise, float(sigmas[0]))
@@ -175,8 +183,9 @@ def _sample(ss: Session) -> None:
         sample_dpmpp_2m(denoise, x, sigmas, callback=callback)
     else:
         step_noise = iter(ss.ref["step_noise"]) if "step_noise" in ss.ref else iter(())
-        sample_lcm(denoise, x, sigmas, ss.ours["timesteps"], noise_sampler=lambda s, sn: next(step_noise),
-                   callback=callback)
+        sample_lcm(
+            denoise, x, sigmas, ss.ours["timesteps"], noise_sampler=lambda s, sn: next(step_noise), callback=callback
+        )
     ss.ours["states"] = states
 
 
@@ -223,7 +232,7 @@ def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
     evaluation, VAE decoder), so a fault is pinned to its component; then the chain a user runs, each stage from
     our previous results: every step's sample, the final latent, its decoding, the image.
     """
-    get = lambda key: (lambda ss: ss.ref[key])  # noqa: E731
+    get = lambda key: lambda ss: ss.ref[key]  # noqa: E731
     table = [Stage("schedule", "sigmas", get("sigmas"), _schedule)]
     if not refiner:
         table.append(Stage("text_encoder_1", "te1_hidden_*", _ref_stack("te1_hidden"), lambda ss: _stack(ss, 0)))
@@ -234,15 +243,17 @@ def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
         Stage("y", "y", get("y"), lambda ss: _batched(ss, "y")),
     ]
     if cond_proj:
-        table.append(Stage("guidance_embedding", "timestep_cond", get("timestep_cond"),
-                           lambda ss: _batched(ss, "w_cond")))
+        table.append(
+            Stage("guidance_embedding", "timestep_cond", get("timestep_cond"), lambda ss: _batched(ss, "w_cond"))
+        )
     if refiner:
         table.append(Stage("vae_encode", "init_latent", get("init_latent"), _init_latent))
     table.append(Stage("unet.first", "unet_out", get("unet_out"), _unet_first))
     table.append(Stage("vae.decode", "decoded", get("decoded"), _decode_ref))
     n = len(ref["timesteps"])
-    table += [Stage(f"step {i + 1}/{n}", f"latents[{i}]", (lambda ss, i=i: ss.ref["latents"][i]), _step(i))
-              for i in range(n)]
+    table += [
+        Stage(f"step {i + 1}/{n}", f"latents[{i}]", (lambda ss, i=i: ss.ref["latents"][i]), _step(i)) for i in range(n)
+    ]
     table += [
         Stage("final_latent", "final_latent", get("final_latent"), _step(n - 1)),
         Stage("decoded", "decoded", get("decoded"), _decoded),
@@ -252,6 +263,7 @@ def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
 
 
 # --- the command ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class VerifyReport:
@@ -275,13 +287,23 @@ def runtime_config(ref: Reference) -> Any:
     from sdxl_ckpt.sdxl_runtime.config import from_diffusers_configs
 
     c = ref.configs
-    return from_diffusers_configs(c["unet"], c["vae"], c.get("text_encoder"), c["text_encoder_2"],
-                                  variant=ref.meta.get("variant"))
+    return from_diffusers_configs(
+        c["unet"], c["vae"], c.get("text_encoder"), c["text_encoder_2"], variant=ref.meta.get("variant")
+    )
 
 
-def verify_checkpoint(ckpt: str | os.PathLike, ref: Reference, *, sampler: str | None = None, device: str = "CPU",
-                      dtype: str = "fp32", overrides: dict[str, float] | None = None, quiet: bool = True,
-                      fail_fast: bool = False, progress: Callable[[str], None] | None = None) -> VerifyReport:
+def verify_checkpoint(
+    ckpt: str | os.PathLike,
+    ref: Reference,
+    *,
+    sampler: str | None = None,
+    device: str = "CPU",
+    dtype: str = "fp32",
+    overrides: dict[str, float] | None = None,
+    quiet: bool = True,
+    fail_fast: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> VerifyReport:
     """Load ``ckpt`` strictly into a runtime built from ``ref``'s configs and judge every stage.
 
     ``fail_fast``: stop at the first failing stage (the later ones are not computed, nor reported).
@@ -291,8 +313,10 @@ def verify_checkpoint(ckpt: str | os.PathLike, ref: Reference, *, sampler: str |
 
     ref_sampler = ref.settings["sampler"]
     if sampler is not None and sampler != ref_sampler:
-        raise InputError(f"the reference was made with --sampler {ref_sampler}; verify compares the same sampler "
-                         f"(make a {sampler} reference to check {sampler})")
+        raise InputError(
+            f"the reference was made with --sampler {ref_sampler}; verify compares the same sampler "
+            f"(make a {sampler} reference to check {sampler})"
+        )
     if ref_sampler not in VERIFY_SAMPLERS:
         raise InputError(f"unknown sampler {ref_sampler!r} in the reference")
     tol = Tolerances(dtype, dict(overrides or {}))
@@ -300,8 +324,9 @@ def verify_checkpoint(ckpt: str | os.PathLike, ref: Reference, *, sampler: str |
     try:
         rt = SDXLRuntime.from_checkpoint(ckpt, runtime_config(ref), device=device, dtype=dtype, quiet=quiet)
     except KeyMismatchError as err:  # the usual cause: a ckpt of another variant than the reference's model
-        raise KeyMismatchError(f"checkpoint does not fit the {ref.meta.get('variant')} model the reference was "
-                               f"made with: {err}") from None
+        raise KeyMismatchError(
+            f"checkpoint does not fit the {ref.meta.get('variant')} model the reference was made with: {err}"
+        ) from None
     loaded = time.perf_counter() - start
     session = Session(rt, ref)
     results = []
@@ -310,8 +335,16 @@ def verify_checkpoint(ckpt: str | os.PathLike, ref: Reference, *, sampler: str |
         for stage in table:
             ours = stage.ours(session)
             note = session.ours.pop("schedule_note", "") if stage.name == "schedule" else ""
-            result = compare(stage.name, stage.reference, ours, stage.ref(session), tol, image=stage.image,
-                             ref_u8=ref["image_u8"] if stage.image else None, note=note)
+            result = compare(
+                stage.name,
+                stage.reference,
+                ours,
+                stage.ref(session),
+                tol,
+                image=stage.image,
+                ref_u8=ref["image_u8"] if stage.image else None,
+                note=note,
+            )
             if note:
                 result.passed = False
             results.append(result)
@@ -321,10 +354,18 @@ def verify_checkpoint(ckpt: str | os.PathLike, ref: Reference, *, sampler: str |
             if fail_fast and not result.passed:
                 break
     context = {
-        "checkpoint": str(Path(ckpt)), "reference": ref.meta.get("path"), "variant": ref.meta.get("variant"),
-        "sampler": ref_sampler, "device": device, "dtype": dtype, "steps_run": len(ref["timesteps"]),
-        "load_seconds": round(loaded, 3), "total_seconds": round(time.perf_counter() - start, 3),
-        "runtime_notes": rt.notes, "stages_run": len(results), "stages_total": len(table),
+        "checkpoint": str(Path(ckpt)),
+        "reference": ref.meta.get("path"),
+        "variant": ref.meta.get("variant"),
+        "sampler": ref_sampler,
+        "device": device,
+        "dtype": dtype,
+        "steps_run": len(ref["timesteps"]),
+        "load_seconds": round(loaded, 3),
+        "total_seconds": round(time.perf_counter() - start, 3),
+        "runtime_notes": rt.notes,
+        "stages_run": len(results),
+        "stages_total": len(table),
         "tolerances": {"rel_l2": tol.rtol(""), "image_levels": tol.image_levels(), "overrides": tol.overrides},
     }
     return VerifyReport(results, context)
@@ -342,6 +383,9 @@ def render(report: VerifyReport) -> str:
     if failed is None:
         lines.append(f"PASS: all {len(report.results)} stages within tolerance ({report.context['dtype']})")
     else:
-        lines.append(f"FAIL: first failing stage: {failed.name} (rel L2 {failed.rel_l2:.3g} > {failed.tolerance:g}"
-                     + (f"; {failed.note}" if failed.note else "") + ") -- look there first")
+        lines.append(
+            f"FAIL: first failing stage: {failed.name} (rel L2 {failed.rel_l2:.3g} > {failed.tolerance:g}"
+            + (f"; {failed.note}" if failed.note else "")
+            + ") -- look there first"
+        )
     return "\n".join(lines)

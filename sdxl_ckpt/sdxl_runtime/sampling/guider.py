@@ -53,4 +53,3 @@ class VanillaCFG:
 def make_guider(scale: float, cfg: bool) -> IdentityGuider | VanillaCFG:
     """diffusers' rule: classic CFG when the scale is above 1 and the UNet has no guidance embedding."""
     return VanillaCFG(scale) if cfg and scale > 1.0 else IdentityGuider()
-

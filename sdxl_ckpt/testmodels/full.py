@@ -18,21 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from sdxl_ckpt.convert.entries import TensorEntry
-from sdxl_ckpt.convert.safetensors_io import write_safetensors
 from sdxl_ckpt.errors import InputError
-from sdxl_ckpt.tiny_model import (
-    component_seed,
-    full_configs,
-    structure_of,
-    text_config,
-    write_model_index,
-    write_scheduler,
-    write_tokenizers,
-)
+from sdxl_ckpt.formats.entries import TensorEntry
+from sdxl_ckpt.formats.safetensors_io import write_safetensors
+from sdxl_ckpt.sdxl.configs import full_configs, structure_of
+from sdxl_ckpt.sdxl.tokenizers import write_tokenizers
+from sdxl_ckpt.testmodels.common import component_seed, text_config, write_model_index, write_scheduler
 
-_WEIGHT_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                "text_encoder": "model", "text_encoder_2": "model"}
+_WEIGHT_STEM = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
 _NORM_GAIN = re.compile(r"(^|\.)[a-z_]*norm[a-z_0-9]*\.weight$")
 
 # (unsigned dtype, keep-mask, set-bits) for small values and for norm gains, per float dtype
@@ -80,7 +78,7 @@ def random_tensor_loader(name: str, shape: tuple[int, ...], dtype: str, seed: in
         udtype, keep, set_bits = _BIT_RECIPES[dtype][kind]
     except KeyError:
         raise InputError(f"random data is generated as F16 or F32 only, not {dtype}", key=name) from None
-    from sdxl_ckpt.convert.dtypes import ST_TO_NUMPY
+    from sdxl_ckpt.formats.dtypes import ST_TO_NUMPY
 
     def load() -> np.ndarray:
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
@@ -95,8 +93,10 @@ def random_tensor_loader(name: str, shape: tuple[int, ...], dtype: str, seed: in
 def component_entries(component: str, model: Any, seed: int, dtype: str) -> list[TensorEntry]:
     """Lazy random entries for every tensor of ``component`` (nothing generated yet)."""
     comp_seed = component_seed(seed, component)
-    return [TensorEntry(name, dtype, shape, random_tensor_loader(name, shape, dtype, comp_seed), f"random:{name}")
-            for name, shape in saved_key_shapes(component, model)]
+    return [
+        TensorEntry(name, dtype, shape, random_tensor_loader(name, shape, dtype, comp_seed), f"random:{name}")
+        for name, shape in saved_key_shapes(component, model)
+    ]
 
 
 def _save_config(component: str, model: Any, folder: Path, dtype: str) -> None:
@@ -108,8 +108,14 @@ def _save_config(component: str, model: Any, folder: Path, dtype: str) -> None:
         model.config.save_pretrained(folder)
 
 
-def build_full_model(variant: str, out_dir: str | Path, seed: int = 0, variant_fp16: bool = True, quiet: bool = True,
-                     configs: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+def build_full_model(
+    variant: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    variant_fp16: bool = True,
+    quiet: bool = True,
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Path:
     """Write a real-shape SDXL pipeline folder of random data at ``out_dir``, one tensor in memory at a time.
 
     ``variant_fp16``: fp16 weights named ``*.fp16.safetensors`` as in the official repos (else fp32, plain names).
@@ -126,8 +132,14 @@ def build_full_model(variant: str, out_dir: str | Path, seed: int = 0, variant_f
         folder = out / component
         _save_config(component, model, folder, dtype)
         name = _WEIGHT_STEM[component] + (".fp16" if variant_fp16 else "") + ".safetensors"
-        write_safetensors(folder / name, component_entries(component, model, seed, dtype), {"format": "pt"},
-                          overwrite=True, quiet=quiet, desc=component)
+        write_safetensors(
+            folder / name,
+            component_entries(component, model, seed, dtype),
+            {"format": "pt"},
+            overwrite=True,
+            quiet=quiet,
+            desc=component,
+        )
     write_tokenizers(out, structure)
     write_scheduler(out)
     write_model_index(out, structure)

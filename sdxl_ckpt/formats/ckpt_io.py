@@ -29,12 +29,12 @@ from typing import BinaryIO
 
 import numpy as np
 
-from sdxl_ckpt.convert.atomic import atomic_output
-from sdxl_ckpt.convert.dtypes import ITEMSIZE, MS_TO_ST, ST_TO_MS, ST_TO_NUMPY
-from sdxl_ckpt.convert.entries import TensorEntry
-from sdxl_ckpt.convert.fastio import Background, copy_span, map_bytes
 from sdxl_ckpt.errors import CorruptFileError, InputError, require_file
-from sdxl_ckpt.manage.values import NonFiniteWatch
+from sdxl_ckpt.formats.atomic import atomic_output
+from sdxl_ckpt.formats.dtypes import ITEMSIZE, MS_TO_ST, ST_TO_MS, ST_TO_NUMPY
+from sdxl_ckpt.formats.entries import TensorEntry
+from sdxl_ckpt.formats.fastio import Background, copy_span, map_bytes
+from sdxl_ckpt.formats.nonfinite import NonFiniteWatch
 from sdxl_ckpt.progress import byte_bar
 
 SLICE_BYTES = 1024 * 512 * 1024  # save_checkpoint: tensors are cut into records of at most 512 MiB of content
@@ -66,6 +66,7 @@ def checkpoint_class() -> type:
 
 
 # --- writing: the protobuf framing of one record ------------------------------------------------------------
+
 
 def _varint(value: int) -> bytes:
     out = bytearray()
@@ -131,17 +132,22 @@ def write_ckpt(
             raise InputError(f"zero-size tensor {list(entry.shape)} cannot be stored in a .ckpt", key=entry.name)
     checksum = 0
     watch = NonFiniteWatch()  # NaN / Inf are written as they are, but never silently
-    with atomic_output(path, overwrite) as handle, byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar, \
-            Background() as checks:  # the NaN / Inf check overlaps the write
+    with (
+        atomic_output(path, overwrite) as handle,
+        byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar,
+        Background() as checks,
+    ):  # the NaN / Inf check overlaps the write
         for entry in planned:
             array = entry.load()
             if tuple(array.shape) != entry.shape or array.dtype != ST_TO_NUMPY[entry.dtype]:
-                raise InputError(f"produced {array.dtype}{list(array.shape)}, planned "
-                                 f"{entry.dtype}{list(entry.shape)}", key=entry.name)
+                raise InputError(
+                    f"produced {array.dtype}{list(array.shape)}, planned {entry.dtype}{list(entry.shape)}",
+                    key=entry.name,
+                )
             checks.put(watch.check, entry.name, array, entry.dtype)
             content = _content_view(array)
             for start in range(0, len(content), SLICE_BYTES):
-                chunk = content[start:start + SLICE_BYTES]
+                chunk = content[start : start + SLICE_BYTES]
                 head = record_header(entry.name, entry.shape, ST_TO_MS[entry.dtype], len(chunk))
                 handle.write(head)
                 span = entry.passthrough_span
@@ -158,6 +164,7 @@ def write_ckpt(
 
 
 # --- reading: walk the framing, parse each record with MindSpore's class --------------------------------------
+
 
 @dataclass(frozen=True)
 class _Record:
@@ -328,6 +335,7 @@ def _shape_of(dims: tuple[int, ...]) -> tuple[int, ...]:
 def _loader(path: Path, name: str, dtype: str, shape: tuple[int, ...], records: tuple[_Record, ...]):
     """Tensor bytes straight from the content offsets the scan found: a read-only memory-mapped view for a
     one-record tensor (nearly all), the records' contents joined into one array for a split one."""
+
     def load() -> np.ndarray:
         numpy_dtype = ST_TO_NUMPY[dtype]
         if len(records) == 1:
@@ -337,8 +345,7 @@ def _loader(path: Path, name: str, dtype: str, shape: tuple[int, ...], records: 
         flat = out.reshape(-1).view(np.uint8)
         offset = 0
         for record in records:
-            flat[offset:offset + record.content_len] = map_bytes(path, record.content_start, record.content_len,
-                                                                 name)
+            flat[offset : offset + record.content_len] = map_bytes(path, record.content_start, record.content_len, name)
             offset += record.content_len
         return out
 
@@ -373,11 +380,17 @@ def _group(path: Path, records: list[_Record]) -> list[TensorEntry]:
         expected = math.prod(shape) * ITEMSIZE[dtype]
         got = sum(r.content_len for r in group)
         if got != expected:
-            raise CorruptFileError(f"{got} content bytes for shape {list(shape)} {first.tensor_type} "
-                                   f"(needs {expected})", path=path, key=name)
+            raise CorruptFileError(
+                f"{got} content bytes for shape {list(shape)} {first.tensor_type} (needs {expected})",
+                path=path,
+                key=name,
+            )
         span = (str(path), first.content_start) if len(group) == 1 else None
-        entries.append(TensorEntry(name, dtype, shape, _loader(path, name, dtype, shape, tuple(group)),
-                                   source=str(path), span=span))
+        entries.append(
+            TensorEntry(
+                name, dtype, shape, _loader(path, name, dtype, shape, tuple(group)), source=str(path), span=span
+            )
+        )
     return entries
 
 
@@ -393,7 +406,7 @@ def scan_ckpt(path: str | os.PathLike) -> CkptFile:
             handle.seek(size - CRC_TRAILER_BYTES)
             tail = handle.read(CRC_TRAILER_BYTES)
             if tail.startswith(CRC_MARK):
-                crc = int.from_bytes(tail[len(CRC_MARK):], "big")
+                crc = int.from_bytes(tail[len(CRC_MARK) :], "big")
                 data_end = size - CRC_TRAILER_BYTES
         cur = _Cursor(handle, path, 0, data_end)
         while cur.pos < data_end:

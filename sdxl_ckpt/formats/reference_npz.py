@@ -26,13 +26,29 @@ from typing import Any
 
 import numpy as np
 
-from sdxl_ckpt.convert.atomic import atomic_output
 from sdxl_ckpt.errors import CorruptFileError, InputError
+from sdxl_ckpt.formats.atomic import atomic_output
 
 FORMAT = "sdxl-ckpt-reference/1"
 META_KEY = "meta_json"
-REQUIRED = ("noise", "sigmas", "timesteps", "time_ids", "context", "y", "unet_in_x", "unet_in_t", "unet_in_context",
-            "unet_in_y", "unet_out", "latents", "final_latent", "decoded", "image", "image_u8")
+REQUIRED = (
+    "noise",
+    "sigmas",
+    "timesteps",
+    "time_ids",
+    "context",
+    "y",
+    "unet_in_x",
+    "unet_in_t",
+    "unet_in_context",
+    "unet_in_y",
+    "unet_out",
+    "latents",
+    "final_latent",
+    "decoded",
+    "image",
+    "image_u8",
+)
 
 
 @dataclass
@@ -67,8 +83,11 @@ def save_reference(path: str | os.PathLike, ref: Reference, overwrite: bool = Fa
     """Write atomically; arrays in sorted order so two runs give the same members in the same order."""
     meta = dict(ref.meta, format=FORMAT)
     with atomic_output(path, overwrite) as handle:
-        np.savez(handle, **{k: ref.arrays[k] for k in sorted(ref.arrays)},
-                 **{META_KEY: np.array(json.dumps(meta, sort_keys=True))})
+        np.savez(
+            handle,
+            **{k: ref.arrays[k] for k in sorted(ref.arrays)},
+            **{META_KEY: np.array(json.dumps(meta, sort_keys=True))},
+        )
     return Path(path)
 
 
@@ -92,4 +111,3 @@ def load_reference(path: str | os.PathLike) -> Reference:
         raise CorruptFileError("reference lacks arrays: " + ", ".join(missing), path=p)
     meta["path"] = str(p)
     return Reference(arrays, meta)
-

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from sdxl_ckpt import __version__
-from sdxl_ckpt.convert.atomic import check_output
 from sdxl_ckpt.errors import InputError
-from sdxl_ckpt.verify.refdata import Reference, save_reference
+from sdxl_ckpt.formats.atomic import check_output
+from sdxl_ckpt.formats.reference_npz import Reference, save_reference
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -59,8 +59,14 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"sdxl_ckpt": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__, "python": platform.python_version()}
+    return {
+        "sdxl_ckpt": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -68,8 +74,11 @@ def _config_dict(config: Any) -> dict[str, Any]:
     import json
 
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    data = {k: v for k, v in data.items() if k not in ("_name_or_path", "transformers_version", "dtype",
-                                                        "torch_dtype", "_use_default_values")}
+    data = {
+        k: v
+        for k, v in data.items()
+        if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_use_default_values")
+    }
     return json.loads(json.dumps(data, default=str))
 
 
@@ -99,7 +108,7 @@ def make_reference(
     quiet: bool = False,
 ) -> Reference:
     """Run the pipeline with recording hooks and return the reference (arrays + metadata), in memory."""
-    from sdxl_ckpt.verify.reference_pipeline import (
+    from sdxl_ckpt.reference.pipeline import (
         configure_scheduler,
         latent_space,
         load_pipeline,
@@ -111,7 +120,7 @@ def make_reference(
     require_torch()
     import torch
 
-    from sdxl_ckpt.verify.capture import Recording, record, step_callback
+    from sdxl_ckpt.reference.capture import Recording, record, step_callback
 
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
@@ -130,8 +139,13 @@ def make_reference(
 
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(latent_shape, generator=gen, dtype=torch.float32)
-    call: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "guidance_scale": guidance,
-                            "output_type": "np", "generator": torch.Generator().manual_seed(seed)}
+    call: dict[str, Any] = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "guidance_scale": guidance,
+        "output_type": "np",
+        "generator": torch.Generator().manual_seed(seed),
+    }
     if explicit_timesteps is not None:
         call["timesteps"] = explicit_timesteps
     else:
@@ -163,24 +177,41 @@ def make_reference(
         "variant": _variant(loaded, sampler),
         "structure": "refiner" if loaded.refiner else "base",
         "settings": {
-            "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "steps_run": len(rec.timesteps),
-            "height": height, "width": width, "seed": seed, "guidance": guidance, "sampler": sampler,
-            "strength": strength if loaded.refiner else None, "cfg": cfg,
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "steps": steps,
+            "steps_run": len(rec.timesteps),
+            "height": height,
+            "width": width,
+            "seed": seed,
+            "guidance": guidance,
+            "sampler": sampler,
+            "strength": strength if loaded.refiner else None,
+            "cfg": cfg,
             "uncond": "none" if not cfg else ("encoded" if len(rec.te2) == 2 else "zeros"),
             "img2img_start": steps - len(rec.timesteps) if loaded.refiner else 0,
         },
-        "schedule": {**{k: dict(scheduler.config)[k] for k in ("beta_start", "beta_end", "num_train_timesteps")},
-                     "beta_schedule": "scaled_linear", "latent_space": latent_space(scheduler),
-                     "scheduler": type(scheduler).__name__, "alignment": schedule_note},
+        "schedule": {
+            **{k: dict(scheduler.config)[k] for k in ("beta_start", "beta_end", "num_train_timesteps")},
+            "beta_schedule": "scaled_linear",
+            "latent_space": latent_space(scheduler),
+            "scheduler": type(scheduler).__name__,
+            "alignment": schedule_note,
+        },
         "configs": {
-            "unet": _config_dict(pipe.unet.config), "vae": _config_dict(pipe.vae.config),
+            "unet": _config_dict(pipe.unet.config),
+            "vae": _config_dict(pipe.vae.config),
             "text_encoder": _config_dict(pipe.text_encoder.config) if getattr(pipe, "text_encoder", None) else None,
             "text_encoder_2": _config_dict(pipe.text_encoder_2.config),
             "scheduler": _config_dict(scheduler.config),
         },
-        "source": {"path": str(src), "kind": loaded.kind, "sha256": source_sha256(src),
-                   "unet": str(unet) if unet is not None else None,
-                   "unet_sha256": source_sha256(Path(unet)) if unet is not None else None},
+        "source": {
+            "path": str(src),
+            "kind": loaded.kind,
+            "sha256": source_sha256(src),
+            "unet": str(unet) if unet is not None else None,
+            "unet_sha256": source_sha256(Path(unet)) if unet is not None else None,
+        },
         "versions": _versions(),
         "dtype": "fp32",
         "device": "cpu",
@@ -188,8 +219,9 @@ def make_reference(
         "alignment": [
             schedule_note,
             "initial latent: ours x = noise*sqrt(1+s0^2); pipeline given noise*sqrt(1+s0^2)/init_noise_sigma (Euler)"
-            " or noise (DPM-Solver/LCM, DDPM space)" if not loaded.refiner else
-            "img2img: init latent = VAE posterior mean * scaling_factor; x = z + sigma_start * recorded noise",
+            " or noise (DPM-Solver/LCM, DDPM space)"
+            if not loaded.refiner
+            else "img2img: init latent = VAE posterior mean * scaling_factor; x = z + sigma_start * recorded noise",
             f"latents stored in the scheduler's space ({latent_space(scheduler)}); VP latents = x / sqrt(1+sigma^2)",
         ],
     }
@@ -232,8 +264,9 @@ def _collect(arrays: dict[str, np.ndarray], rec: Any, scheduler: Any, sigmas_of:
     arrays["image_u8"] = (image * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil rule
 
 
-def run_reference(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any
-                  ) -> tuple[Path, Reference]:
+def run_reference(
+    src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any
+) -> tuple[Path, Reference]:
     """The CLI command: check the output first, compute, write the npz atomically."""
     check_output(out, overwrite)
     ref = make_reference(src, **kwargs)
@@ -242,5 +275,7 @@ def run_reference(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
 
 def summary_rows(ref: Reference) -> list[dict[str, Any]]:
     """A short table of what was stored (name, shape, dtype), for the command's output."""
-    return [{"array": k, "shape": "x".join(str(d) for d in v.shape) or "scalar", "dtype": str(v.dtype)}
-            for k, v in sorted(ref.arrays.items())]
+    return [
+        {"array": k, "shape": "x".join(str(d) for d in v.shape) or "scalar", "dtype": str(v.dtype)}
+        for k, v in sorted(ref.arrays.items())
+    ]

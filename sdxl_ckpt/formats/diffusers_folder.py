@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdxl_ckpt.convert.entries import TensorEntry
-from sdxl_ckpt.convert.safetensors_io import read_safetensors
 from sdxl_ckpt.errors import CorruptFileError, InputError, KeyMismatchError
+from sdxl_ckpt.formats.entries import TensorEntry
+from sdxl_ckpt.formats.safetensors_io import read_safetensors
 
 WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model")
 _BASE = "(?P<base>" + "|".join(WEIGHT_BASENAMES) + ")"
@@ -106,19 +106,28 @@ def find_weight_files(folder: Path, variant: str | None = None) -> WeightSet:
         chosen = next(iter(found))
         notes.append(f"only {chosen} weights here; used them")
     elif found:
-        raise InputError(f"several weight variants ({', '.join(sorted(v for v in found if v))}) and no plain "
-                         f"weights: choose one with --variant", path=folder)
+        raise InputError(
+            f"several weight variants ({', '.join(sorted(v for v in found if v))}) and no plain "
+            f"weights: choose one with --variant",
+            path=folder,
+        )
     else:
-        raise InputError("no weights: expected diffusion_pytorch_model[.VARIANT].safetensors or "
-                         "model[.VARIANT].safetensors (or a sharded *.safetensors.index.json)", path=folder)
+        raise InputError(
+            "no weights: expected diffusion_pytorch_model[.VARIANT].safetensors or "
+            "model[.VARIANT].safetensors (or a sharded *.safetensors.index.json)",
+            path=folder,
+        )
 
     kinds = found[chosen]
     singles, indexes, bins = kinds.get("safetensors", []), kinds.get("index", []), kinds.get("bin", [])
     safetensors = singles + indexes
     label = f"{chosen} " if chosen else ""
     if not safetensors:
-        raise InputError(f"only PyTorch pickle {label}weights ({_names(bins)}); this tool reads safetensors only "
-                         f"(re-save the component with save_pretrained(..., safe_serialization=True))", path=folder)
+        raise InputError(
+            f"only PyTorch pickle {label}weights ({_names(bins)}); this tool reads safetensors only "
+            f"(re-save the component with save_pretrained(..., safe_serialization=True))",
+            path=folder,
+        )
     if len(safetensors) > 1:
         raise InputError(f"ambiguous {label}weights: {_names(safetensors)} (keep one of them)", path=folder)
     if bins:
@@ -135,8 +144,9 @@ def _read_index(index: Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptFileError(f"not a readable index json ({exc.__class__.__name__})", path=index) from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in weight_map.items()):
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
         raise CorruptFileError("index json has no weight_map of key -> shard file", path=index)
     return weight_map
 
@@ -163,16 +173,19 @@ def read_weight_entries(weights: WeightSet) -> list[TensorEntry]:
         for entry in read_safetensors(path).entries:
             if weights.index is not None and where.get(entry.name) != path.name:
                 listed = where.get(entry.name)
-                raise KeyMismatchError(f"the index {weights.index.name} "
-                                       + (f"puts it in {listed}" if listed else "does not list it"),
-                                       path=path, key=entry.name)
+                raise KeyMismatchError(
+                    f"the index {weights.index.name} " + (f"puts it in {listed}" if listed else "does not list it"),
+                    path=path,
+                    key=entry.name,
+                )
             entries.append(entry)
     if weights.index is not None:
         present = {e.name for e in entries}
         missing = [k for k in where if k not in present]
         if missing:
-            raise KeyMismatchError(f"listed by the index but not in {where[missing[0]]}", path=weights.index,
-                                   key=missing[0])
+            raise KeyMismatchError(
+                f"listed by the index but not in {where[missing[0]]}", path=weights.index, key=missing[0]
+            )
     return entries
 
 
@@ -206,8 +219,9 @@ def normalise_clip_keys(entries: list[TensorEntry]) -> tuple[list[TensorEntry], 
             renamed += 1
             entry = dataclasses.replace(entry, name=name)
         if name in seen:
-            raise KeyMismatchError(f"two keys give {name!r} once the text_model. level is added", path=entry.source,
-                                   key=seen[name])
+            raise KeyMismatchError(
+                f"two keys give {name!r} once the text_model. level is added", path=entry.source, key=seen[name]
+            )
         seen[name] = entry.name
         out.append(entry)
     return out, renamed
@@ -229,8 +243,7 @@ def read_component(name: str, folder: str | Path, variant: str | None = None) ->
     return Component(name, folder, config, text, weights, entries, notes)
 
 
-def component_folders(src_dir: str | Path, overrides: Mapping[str, str | Path | None] | None = None
-                      ) -> dict[str, Path]:
+def component_folders(src_dir: str | Path, overrides: Mapping[str, str | Path | None] | None = None) -> dict[str, Path]:
     """Where each component lives: ``src_dir/<name>`` unless ``overrides`` names another folder."""
     src = Path(src_dir)
     if not src.exists():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sdxl_ckpt.convert.dtypes import ITEMSIZE
+from sdxl_ckpt.formats.dtypes import ITEMSIZE
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class TensorEntry:
 
 def entry_from_array(name: str, array: np.ndarray, dtype: str | None = None, source: str = "") -> TensorEntry:
     """An entry backed by an in-memory array (small generated tensors such as ``logit_scale``)."""
-    from sdxl_ckpt.convert.dtypes import st_dtype_of
+    from sdxl_ckpt.formats.dtypes import st_dtype_of
 
     arr = np.asarray(array, order="C")  # not ascontiguousarray: that turns a 0-d scalar into shape (1,)
     return TensorEntry(name, dtype or st_dtype_of(arr), tuple(arr.shape), lambda: arr, source)

@@ -44,21 +44,27 @@ def _full_size_structure(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     return None
 
 
-def detect_variant(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None,
-                   path: object | None = None) -> Detection:
+def detect_variant(
+    shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None, path: object | None = None
+) -> Detection:
     """The keymap variant for a file with these tensor names (SD or MindSpore) and shapes, and why."""
     metadata = metadata or {}
     is_base, is_refiner = BASE_SENTINEL in shapes, REFINER_SENTINEL in shapes
     if is_base == is_refiner:
         found = "both" if is_base else "neither"
-        raise InputError(f"not an SDXL base, refiner or LCM checkpoint: {found} of the sentinel keys "
-                         f"{BASE_SENTINEL!r} (base) and {REFINER_SENTINEL!r} (refiner) found; pass --keys to force",
-                         path=path)
+        raise InputError(
+            f"not an SDXL base, refiner or LCM checkpoint: {found} of the sentinel keys "
+            f"{BASE_SENTINEL!r} (base) and {REFINER_SENTINEL!r} (refiner) found; pass --keys to force",
+            path=path,
+        )
     structure = "base" if is_base else "refiner"
     sized = _full_size_structure(shapes)
     if sized is not None and sized != structure:
-        raise InputError(f"keys say SDXL {structure} but the UNet shapes are those of the {sized} "
-                         f"({ADM_KEY} {list(shapes[ADM_KEY])}); pass --keys to force", path=path)
+        raise InputError(
+            f"keys say SDXL {structure} but the UNet shapes are those of the {sized} "
+            f"({ADM_KEY} {list(shapes[ADM_KEY])}); pass --keys to force",
+            path=path,
+        )
     shape_word = "full-size shapes" if sized else "SDXL-shaped (not full-size)"
     declared = metadata.get(VARIANT_METADATA)
     if structure == "refiner":
@@ -71,6 +77,9 @@ def detect_variant(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str,
         return Detection("lcm", f"guidance embedding {COND_PROJ_KEY!r} present; {shape_word}")
     if declared not in (None, "base"):
         raise InputError(f"metadata says {VARIANT_METADATA}={declared} but the keys are the base's", path=path)
-    note = None if declared == "base" else (
-        "base structure: treated as SDXL base (an LCM UNet has the same keys; pass --keys lcm if it is one)")
+    note = (
+        None
+        if declared == "base"
+        else ("base structure: treated as SDXL base (an LCM UNet has the same keys; pass --keys lcm if it is one)")
+    )
     return Detection("base", f"sentinel {BASE_SENTINEL!r}; {shape_word}", note)

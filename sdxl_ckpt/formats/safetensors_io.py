@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sdxl_ckpt.convert.atomic import atomic_output
-from sdxl_ckpt.convert.dtypes import ITEMSIZE, ST_TO_NUMPY
-from sdxl_ckpt.convert.entries import TensorEntry
-from sdxl_ckpt.convert.fastio import Background, copy_span, map_bytes
 from sdxl_ckpt.errors import CorruptFileError, InputError, require_file
-from sdxl_ckpt.manage.values import NonFiniteWatch
+from sdxl_ckpt.formats.atomic import atomic_output
+from sdxl_ckpt.formats.dtypes import ITEMSIZE, ST_TO_NUMPY
+from sdxl_ckpt.formats.entries import TensorEntry
+from sdxl_ckpt.formats.fastio import Background, copy_span, map_bytes
+from sdxl_ckpt.formats.nonfinite import NonFiniteWatch
 from sdxl_ckpt.progress import byte_bar
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the library's own limit
@@ -47,6 +47,7 @@ class SafetensorsFile:
 
 def _reader(path: Path, name: str, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...]):
     """A loader returning a read-only view over the tensor's own memory map (see ``fastio.map_bytes``)."""
+
     def load() -> np.ndarray:
         return map_bytes(path, offset, nbytes, name).view(ST_TO_NUMPY[dtype]).reshape(shape)
 
@@ -59,13 +60,15 @@ def _check_entry(path: Path, name: str, info: object, data_size: int) -> tuple[s
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if dtype not in ST_TO_NUMPY:
         raise CorruptFileError(f"unknown dtype {dtype!r}", path=path, key=name)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise CorruptFileError(f"bad shape {shape!r}", path=path, key=name)
     if math.prod(d for d in shape if d) * ITEMSIZE[dtype] >= 2**63:  # numpy refuses it even with a 0 dim
         raise CorruptFileError(f"shape {shape} is too large for any array", path=path, key=name)
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise CorruptFileError(f"bad data_offsets {offsets!r}", path=path, key=name)
     begin, end = offsets
     if not 0 <= begin <= end:
@@ -73,11 +76,12 @@ def _check_entry(path: Path, name: str, info: object, data_size: int) -> tuple[s
     if end > data_size:
         raise CorruptFileError(
             f"data_offsets end {end} lies past the end of the data ({data_size} bytes): truncated file?",
-            path=path, key=name)
+            path=path,
+            key=name,
+        )
     expected = math.prod(shape) * ITEMSIZE[dtype]
     if end - begin != expected:
-        raise CorruptFileError(f"{end - begin} bytes for shape {shape} {dtype} (needs {expected})",
-                               path=path, key=name)
+        raise CorruptFileError(f"{end - begin} bytes for shape {shape} {dtype} (needs {expected})", path=path, key=name)
     return dtype, tuple(shape), begin, end
 
 
@@ -91,11 +95,11 @@ def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
             raise CorruptFileError(f"not a safetensors file ({size} bytes, no header length)", path=path)
         (header_len,) = struct.unpack("<Q", head)
         if header_len > MAX_HEADER_BYTES:
-            raise CorruptFileError(f"header length {header_len} is implausible: not a safetensors file",
-                                   path=path)
+            raise CorruptFileError(f"header length {header_len} is implausible: not a safetensors file", path=path)
         if 8 + header_len > size:
-            raise CorruptFileError(f"header claims {header_len} bytes but the file has {size - 8}: truncated",
-                                   path=path)
+            raise CorruptFileError(
+                f"header claims {header_len} bytes but the file has {size - 8}: truncated", path=path
+            )
         raw = handle.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -104,8 +108,9 @@ def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
     if not isinstance(header, dict):
         raise CorruptFileError("header is not a JSON object", path=path)
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise CorruptFileError("__metadata__ must map strings to strings", path=path)
     data_start = 8 + header_len
     data_size = size - data_start
@@ -114,9 +119,16 @@ def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
     for name, info in header.items():
         dtype, shape, begin, end = _check_entry(path, name, info, data_size)
         spans.append((begin, end, name))
-        entries.append(TensorEntry(name, dtype, shape,
-                                   _reader(path, name, data_start + begin, end - begin, dtype, shape),
-                                   source=str(path), span=(str(path), data_start + begin)))
+        entries.append(
+            TensorEntry(
+                name,
+                dtype,
+                shape,
+                _reader(path, name, data_start + begin, end - begin, dtype, shape),
+                source=str(path),
+                span=(str(path), data_start + begin),
+            )
+        )
     spans.sort()
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
@@ -138,8 +150,11 @@ def build_header(entries: list[TensorEntry], metadata: Mapping[str, str] | None)
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for entry in entries:
-        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape),
-                              "data_offsets": [offset, offset + entry.nbytes]}
+        header[entry.name] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
         offset += entry.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -169,15 +184,20 @@ def write_safetensors(
         planned = library_order(planned)
     header = build_header(planned, metadata)
     watch = NonFiniteWatch()  # NaN / Inf are written as they are, but never silently
-    with atomic_output(path, overwrite) as handle, byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar, \
-            Background() as checks:  # the NaN / Inf check overlaps the write
+    with (
+        atomic_output(path, overwrite) as handle,
+        byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar,
+        Background() as checks,
+    ):  # the NaN / Inf check overlaps the write
         handle.write(header)
         for entry in planned:
             array = entry.load()
             expect = ST_TO_NUMPY[entry.dtype]
             if tuple(array.shape) != entry.shape or array.dtype != expect:
-                raise InputError(f"produced {array.dtype}{list(array.shape)}, planned "
-                                 f"{entry.dtype}{list(entry.shape)}", key=entry.name)
+                raise InputError(
+                    f"produced {array.dtype}{list(array.shape)}, planned {entry.dtype}{list(entry.shape)}",
+                    key=entry.name,
+                )
             checks.put(watch.check, entry.name, array, entry.dtype)
             content = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
             copied = copy_span(handle, *entry.passthrough_span, len(content)) if entry.passthrough_span else 0

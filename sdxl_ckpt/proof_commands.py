@@ -10,33 +10,47 @@ from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.report import render_table, write_json
 
 
-def reference_command(src: str, output: str, *, json_out: str | None = None, quiet: bool = False,
-                      overwrite: bool = False, **settings: Any) -> int:
+def reference_command(
+    src: str, output: str, *, json_out: str | None = None, quiet: bool = False, overwrite: bool = False, **settings: Any
+) -> int:
     """Run the PyTorch reference and write REF.npz; prints what was stored."""
-    from sdxl_ckpt.verify.reference import run_reference, summary_rows
+    from sdxl_ckpt.reference.reference import run_reference, summary_rows
 
     path, ref = run_reference(src, output, overwrite=overwrite, quiet=quiet, **settings)
     s = ref.settings
     if json_out == "-":
         write_json({"command": "reference", "output": str(path), "meta": ref.meta, "arrays": summary_rows(ref)}, "-")
         return 0
-    print(f"reference: {ref.meta['variant']} ({ref.meta['source']['kind']}), sampler {s['sampler']}, "
-          f"{s['steps_run']} step(s), {s['height']}x{s['width']}, seed {s['seed']}, guidance {s['guidance']}, "
-          f"CFG {'on' if s['cfg'] else 'off'} (uncond: {s['uncond']})")
+    print(
+        f"reference: {ref.meta['variant']} ({ref.meta['source']['kind']}), sampler {s['sampler']}, "
+        f"{s['steps_run']} step(s), {s['height']}x{s['width']}, seed {s['seed']}, guidance {s['guidance']}, "
+        f"CFG {'on' if s['cfg'] else 'off'} (uncond: {s['uncond']})"
+    )
     if not quiet:
         print(render_table(summary_rows(ref)))
     print(f"wrote {path}")
-    write_json({"command": "reference", "output": str(path), "meta": ref.meta,
-                "arrays": summary_rows(ref)}, json_out)
+    write_json({"command": "reference", "output": str(path), "meta": ref.meta, "arrays": summary_rows(ref)}, json_out)
     return 0
 
 
-def verify_command(ckpt: str, *, reference: str | None, source: str | None, sampler: str | None, device: str,
-                   dtype: str, rtol_override: list[str] | None, json_out: str | None, quiet: bool,
-                   save_reference: str | None = None, fail_fast: bool = False, **settings: Any) -> int:
+def verify_command(
+    ckpt: str,
+    *,
+    reference: str | None,
+    source: str | None,
+    sampler: str | None,
+    device: str,
+    dtype: str,
+    rtol_override: list[str] | None,
+    json_out: str | None,
+    quiet: bool,
+    save_reference: str | None = None,
+    fail_fast: bool = False,
+    **settings: Any,
+) -> int:
     """verify CKPT against REF.npz (or a reference computed now from --source); exit 0 pass / 1 fail."""
+    from sdxl_ckpt.formats.reference_npz import load_reference
     from sdxl_ckpt.verify.compare import parse_overrides
-    from sdxl_ckpt.verify.refdata import load_reference
     from sdxl_ckpt.verify.verify import render, verify_checkpoint
 
     overrides = parse_overrides(rtol_override)
@@ -45,18 +59,20 @@ def verify_command(ckpt: str, *, reference: str | None, source: str | None, samp
     if not os.path.isfile(ckpt):
         raise InputError("checkpoint not found", path=ckpt)
     if source is not None:
-        from sdxl_ckpt.verify.reference import make_reference, run_reference
+        from sdxl_ckpt.reference.reference import make_reference, run_reference
 
         if save_reference is not None:
-            _, ref = run_reference(source, save_reference, overwrite=True, quiet=quiet,
-                                   sampler=sampler or "euler", **settings)
+            _, ref = run_reference(
+                source, save_reference, overwrite=True, quiet=quiet, sampler=sampler or "euler", **settings
+            )
         else:
             ref = make_reference(source, quiet=quiet, sampler=sampler or "euler", **settings)
         ref.meta.setdefault("path", save_reference or f"(computed from {source})")
     else:
         ref = load_reference(reference)
-    report = verify_checkpoint(ckpt, ref, sampler=sampler, device=device, dtype=dtype, overrides=overrides,
-                               quiet=quiet, fail_fast=fail_fast)
+    report = verify_checkpoint(
+        ckpt, ref, sampler=sampler, device=device, dtype=dtype, overrides=overrides, quiet=quiet, fail_fast=fail_fast
+    )
     if json_out != "-":
         print(render(report))
     write_json({"command": "verify", **report.as_dict()}, json_out)

@@ -39,8 +39,9 @@ def require_torch() -> None:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
-        raise InputError("'reference' needs torch, diffusers and transformers: "
-                         f"pip install -e '.[reference]' ({exc})") from None
+        raise InputError(
+            f"'reference' needs torch, diffusers and transformers: pip install -e '.[reference]' ({exc})"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -78,7 +79,7 @@ class LoadedPipeline:
 
 
 def _weights_variant(folder: Path) -> str | None:
-    """"fp16" when the UNet folder holds only ``*.fp16.safetensors`` (diffusers then needs ``variant="fp16"``)."""
+    """ "fp16" when the UNet folder holds only ``*.fp16.safetensors`` (diffusers then needs ``variant="fp16"``)."""
     unet = folder / "unet"
     files = [p.name for p in unet.glob("*.safetensors")] if unet.is_dir() else []
     if files and all(".fp16." in name for name in files):
@@ -102,8 +103,9 @@ def load_unet(unet_dir: Path) -> Any:
     if not (unet_dir / "config.json").is_file():
         raise InputError("not a diffusers UNet folder (no config.json)", path=unet_dir)
     variant = "fp16" if all(".fp16." in p.name for p in unet_dir.glob("*.safetensors")) else None
-    return UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32, variant=variant,
-                                                local_files_only=True)
+    return UNet2DConditionModel.from_pretrained(
+        unet_dir, torch_dtype=torch.float32, variant=variant, local_files_only=True
+    )
 
 
 def _pipeline_class(refiner: bool) -> Any:
@@ -122,8 +124,10 @@ def _configs_from(metadata: dict[str, str], config_dir: Path | None) -> dict[str
                 configs[c] = path.read_text()
     missing = [c for c in ("unet", "vae", "text_encoder_2") if configs[c] is None]
     if missing:
-        raise InputError("no config for " + ", ".join(missing) + ": the SD file has no sdxl_ckpt.config.* metadata "
-                         "(not written by diffusers-to-sd); pass --config DIR, a diffusers folder of this model")
+        raise InputError(
+            "no config for " + ", ".join(missing) + ": the SD file has no sdxl_ckpt.config.* metadata "
+            "(not written by diffusers-to-sd); pass --config DIR, a diffusers folder of this model"
+        )
     return configs
 
 
@@ -138,7 +142,8 @@ def write_config_folder(metadata: dict[str, str], out: Path, config_dir: Path | 
     """
     import shutil
 
-    from sdxl_ckpt.tiny_model import SCHEDULER_CONFIG, TINY_VOCAB_SIZE, model_index, write_tokenizers
+    from sdxl_ckpt.sdxl.configs import SCHEDULER_CONFIG, model_index
+    from sdxl_ckpt.sdxl.tokenizers import BYTE_LEVEL_VOCAB_SIZE, write_tokenizers
 
     configs = _configs_from(metadata, config_dir)
     refiner = configs["text_encoder"] is None
@@ -153,16 +158,19 @@ def write_config_folder(metadata: dict[str, str], out: Path, config_dir: Path | 
     (out / "scheduler").mkdir()
     scheduler = config_dir / "scheduler" / "scheduler_config.json" if config_dir is not None else None
     (out / "scheduler" / "scheduler_config.json").write_text(
-        scheduler.read_text() if scheduler is not None and scheduler.is_file() else json.dumps(SCHEDULER_CONFIG))
+        scheduler.read_text() if scheduler is not None and scheduler.is_file() else json.dumps(SCHEDULER_CONFIG)
+    )
     names = ("tokenizer_2",) if refiner else ("tokenizer", "tokenizer_2")
     if config_dir is not None and all((config_dir / n).is_dir() for n in names):
         for name in names:
             shutil.copytree(config_dir / name, out / name)
-    elif json.loads(configs["text_encoder_2"]).get("vocab_size") == TINY_VOCAB_SIZE:
+    elif json.loads(configs["text_encoder_2"]).get("vocab_size") == BYTE_LEVEL_VOCAB_SIZE:
         write_tokenizers(out, "refiner" if refiner else "base")
     else:
-        raise InputError("an SD file carries no tokenizer: pass --config DIR, a diffusers folder with "
-                         + " and ".join(f"{n}/" for n in names))
+        raise InputError(
+            "an SD file carries no tokenizer: pass --config DIR, a diffusers folder with "
+            + " and ".join(f"{n}/" for n in names)
+        )
     return refiner, cond_dim
 
 
@@ -177,8 +185,11 @@ def attach_cond_proj(pipe: Any, src: Path, cond_dim: int) -> None:
 
     with safe_open(str(src), "pt") as handle:
         if COND_PROJ_SD_KEY not in handle.keys():
-            raise InputError(f"UNet config has time_cond_proj_dim {cond_dim} but the file lacks the tensor",
-                             path=src, key=COND_PROJ_SD_KEY)
+            raise InputError(
+                f"UNet config has time_cond_proj_dim {cond_dim} but the file lacks the tensor",
+                path=src,
+                key=COND_PROJ_SD_KEY,
+            )
         weight = handle.get_tensor(COND_PROJ_SD_KEY).to(torch.float32)
     config = {k: v for k, v in pipe.unet.config.items() if k != "_use_default_values"}  # else the default wins
     config["time_cond_proj_dim"] = cond_dim
@@ -188,8 +199,9 @@ def attach_cond_proj(pipe: Any, src: Path, cond_dim: int) -> None:
     pipe.unet = unet.eval()
 
 
-def load_pipeline(src: str | Path, unet_dir: str | Path | None = None, config_dir: str | Path | None = None
-                  ) -> LoadedPipeline:
+def load_pipeline(
+    src: str | Path, unet_dir: str | Path | None = None, config_dir: str | Path | None = None
+) -> LoadedPipeline:
     """diffusers' SDXL pipeline (txt2img, or img2img for a refiner) in float32 on the CPU, offline."""
     import torch
 
@@ -199,25 +211,29 @@ def load_pipeline(src: str | Path, unet_dir: str | Path | None = None, config_di
     with quiet_libraries():
         if src.is_dir():
             refiner = _is_refiner_folder(src)
-            pipe = _pipeline_class(refiner).from_pretrained(src, torch_dtype=torch.float32, local_files_only=True,
-                                                            variant=_weights_variant(src), **extra)
+            pipe = _pipeline_class(refiner).from_pretrained(
+                src, torch_dtype=torch.float32, local_files_only=True, variant=_weights_variant(src), **extra
+            )
             return LoadedPipeline(pipe, refiner, "folder", {})
         if not src.is_file():
             raise InputError("source not found (expected a diffusers folder or an SD .safetensors file)", path=src)
-        from sdxl_ckpt.convert.safetensors_io import read_safetensors
+        from sdxl_ckpt.formats.safetensors_io import read_safetensors
 
         metadata = dict(read_safetensors(src).metadata or {})
         with tempfile.TemporaryDirectory(prefix="sdxl-ckpt-config-") as tmp:
-            refiner, cond_dim = write_config_folder(metadata, Path(tmp),
-                                                    Path(config_dir) if config_dir is not None else None)
-            pipe = _pipeline_class(refiner).from_single_file(str(src), config=tmp, local_files_only=True,
-                                                             torch_dtype=torch.float32, **extra)
+            refiner, cond_dim = write_config_folder(
+                metadata, Path(tmp), Path(config_dir) if config_dir is not None else None
+            )
+            pipe = _pipeline_class(refiner).from_single_file(
+                str(src), config=tmp, local_files_only=True, torch_dtype=torch.float32, **extra
+            )
         if cond_dim is not None and unet is None:
             attach_cond_proj(pipe, src, int(cond_dim))
         return LoadedPipeline(pipe, refiner, "single_file", metadata)
 
 
 # --- the scheduler, configured to our sampler ---------------------------------------------------------------------
+
 
 def check_training_schedule(config: dict[str, Any]) -> dict[str, Any]:
     """The DDPM schedule both sides rebuild: SDXL's scaled-linear betas, eps prediction; anything else is refused."""
@@ -227,8 +243,11 @@ def check_training_schedule(config: dict[str, Any]) -> dict[str, Any]:
         raise InputError(f"prediction_type {config.get('prediction_type')!r} is not supported (epsilon)")
     if config.get("rescale_betas_zero_snr"):
         raise InputError("rescale_betas_zero_snr is not supported")
-    return {"beta_start": float(config["beta_start"]), "beta_end": float(config["beta_end"]),
-            "num_train_timesteps": int(config["num_train_timesteps"])}
+    return {
+        "beta_start": float(config["beta_start"]),
+        "beta_end": float(config["beta_end"]),
+        "num_train_timesteps": int(config["num_train_timesteps"]),
+    }
 
 
 def configure_scheduler(pipe: Any, sampler: str, steps: int) -> tuple[Any, list[int] | None, str]:
@@ -244,21 +263,43 @@ def configure_scheduler(pipe: Any, sampler: str, steps: int) -> tuple[Any, list[
     train = check_training_schedule(base)
     common = {"beta_schedule": "scaled_linear", "prediction_type": "epsilon", "trained_betas": None, **train}
     if sampler == "lcm":
-        scheduler = LCMScheduler.from_config(base, **common, original_inference_steps=50, timestep_scaling=10.0,
-                                             clip_sample=False, thresholding=False)
+        scheduler = LCMScheduler.from_config(
+            base, **common, original_inference_steps=50, timestep_scaling=10.0, clip_sample=False, thresholding=False
+        )
         note = "LCMScheduler's own timesteps (original_inference_steps 50), which lcm_timesteps reproduces"
         pipe.scheduler = scheduler
         return scheduler, None, note
     if sampler == "euler":
         scheduler = EulerDiscreteScheduler.from_config(
-            base, **common, timestep_spacing="trailing", interpolation_type="linear", use_karras_sigmas=False,
-            use_exponential_sigmas=False, use_beta_sigmas=False, final_sigmas_type="zero", timestep_type="discrete")
+            base,
+            **common,
+            timestep_spacing="trailing",
+            interpolation_type="linear",
+            use_karras_sigmas=False,
+            use_exponential_sigmas=False,
+            use_beta_sigmas=False,
+            final_sigmas_type="zero",
+            timestep_type="discrete",
+        )
     else:
         scheduler = DPMSolverMultistepScheduler.from_config(
-            base, **common, timestep_spacing="trailing", algorithm_type="dpmsolver++", solver_order=2,
-            solver_type="midpoint", lower_order_final=True, euler_at_final=False, final_sigmas_type="zero",
-            use_karras_sigmas=False, use_lu_lambdas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
-            thresholding=False, lambda_min_clipped=-float("inf"), variance_type=None)
+            base,
+            **common,
+            timestep_spacing="trailing",
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            solver_type="midpoint",
+            lower_order_final=True,
+            euler_at_final=False,
+            final_sigmas_type="zero",
+            use_karras_sigmas=False,
+            use_lu_lambdas=False,
+            use_exponential_sigmas=False,
+            use_beta_sigmas=False,
+            thresholding=False,
+            lambda_min_clipped=-float("inf"),
+            variance_type=None,
+        )
     pipe.scheduler = scheduler
     ours = legacy_ddpm_timesteps(steps, train["num_train_timesteps"])[::-1].tolist()
     scheduler.set_timesteps(steps)
@@ -268,7 +309,7 @@ def configure_scheduler(pipe: Any, sampler: str, steps: int) -> tuple[Any, list[
 
 
 def latent_space(scheduler: Any) -> str:
-    """"ve" when the scheduler's latents are ``x0 + sigma eps`` (Euler), "vp" when DDPM-scaled (DPM-Solver, LCM)."""
+    """ "ve" when the scheduler's latents are ``x0 + sigma eps`` (Euler), "vp" when DDPM-scaled (DPM-Solver, LCM)."""
     from diffusers import EulerDiscreteScheduler
 
     return "ve" if isinstance(scheduler, EulerDiscreteScheduler) else "vp"

@@ -55,8 +55,8 @@ def count_nonfinite(array: np.ndarray, st_dtype: str) -> NonFinite:
     scratch = np.empty(min(CHUNK_ELEMENTS, bits.size), dtype=view)
     nan = inf = 0
     for start in range(0, bits.size, CHUNK_ELEMENTS):
-        chunk = bits[start:start + CHUNK_ELEMENTS]
-        magnitude = np.bitwise_and(chunk, magnitude_mask, out=scratch[:chunk.size])
+        chunk = bits[start : start + CHUNK_ELEMENTS]
+        magnitude = np.bitwise_and(chunk, magnitude_mask, out=scratch[: chunk.size])
         if magnitude.max() < exp_mask:
             continue
         special = np.count_nonzero(magnitude >= exp_mask)
