@@ -32,7 +32,7 @@ def has_command(name: str) -> bool:
 def generate_model(scale: str, out: Path) -> list[str]:
     """The synthetic SDXL base folder with fp16 variant files: tiny widths, or the real (full) shapes."""
     size = ["--full"] if scale == "full" else []
-    return [*cli(), "tiny-model", "--variant", "base", "--output", str(out), *size, "--fp16-variant", "--quiet"]
+    return [*cli(), "tiny-model", "--model", "base", "--output", str(out), *size, "--fp16-variant", "--quiet"]
 
 
 def diffusers_to_sd(src: Path, out: Path, variant: str | None) -> list[str]:

@@ -38,6 +38,26 @@ app = typer.Typer(
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 JSON_OUT = typer.Option(None, "--json", help="Also write the report as JSON to this file ('-' = stdout).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output file.")
+# the model kind; ``--variant`` keeps diffusers' meaning (weights variant such as fp16) and is only an old alias here
+MODEL_KINDS = "base | refiner | lcm"
+OLD_VARIANT = typer.Option(None, "--variant", hidden=True, help="Old spelling of --model.")
+
+
+def _model_kind(model: str | None, old_variant: str | None, default: str | None = None) -> str:
+    """``--model`` (or its old spelling ``--variant``, with a note on stderr); a missing one is a usage error."""
+    if old_variant is not None:
+        print(
+            "note: --variant base|refiner|lcm is now --model (--variant means a weights variant such as fp16)",
+            file=sys.stderr,
+        )
+        if model is not None and model != old_variant:
+            raise typer.BadParameter(f"--model {model} and --variant {old_variant} disagree")
+        model = old_variant
+    if model is None:
+        if default is None:
+            raise typer.BadParameter(f"Missing option '--model' ({MODEL_KINDS})")
+        return default
+    return model
 
 
 @app.callback()
@@ -53,7 +73,8 @@ def _root() -> None:
 
 @app.command("tiny-model")
 def tiny_model_cmd(
-    variant: str = typer.Option(..., "--variant", help="base | refiner | lcm (lcm adds DIR/lcm-unet)."),
+    model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_KINDS} (lcm adds DIR/lcm-unet)."),  # noqa: UP045
+    old_variant: Optional[str] = OLD_VARIANT,  # noqa: UP045
     output: str = typer.Option(..., "--output", "-o", help="Pipeline folder to write."),
     seed: int = typer.Option(0, "--seed", help="Same seed -> byte-identical weights."),
     cond_proj: bool = typer.Option(False, "--cond-proj", help="lcm: give the LCM UNet a guidance embedding."),
@@ -71,7 +92,14 @@ def tiny_model_cmd(
 
     fp16 = full if fp16_variant is None else fp16_variant
     path = build_model_cli(
-        variant, output, seed=seed, cond_proj=cond_proj, variant_fp16=fp16, full=full, overwrite=overwrite, quiet=quiet
+        _model_kind(model, old_variant),
+        output,
+        seed=seed,
+        cond_proj=cond_proj,
+        variant_fp16=fp16,
+        full=full,
+        overwrite=overwrite,
+        quiet=quiet,
     )
     if not quiet:
         print(f"wrote {path}")
@@ -185,7 +213,8 @@ app.add_typer(keymaps_app, name="keymaps")
 
 @keymaps_app.command("export")
 def keymaps_export_cmd(
-    variant: str = typer.Option(..., "--variant", help="base | refiner | lcm."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_KINDS),  # noqa: UP045
+    old_variant: Optional[str] = OLD_VARIANT,  # noqa: UP045
     fmt: str = typer.Option("mindone", "--format", help="mindone: torch_key_V.yaml + mindspore_key_V.yaml."),
     output: str = typer.Option(".", "--output", "-o", help="Folder to write the two lists into."),
     overwrite: bool = OVERWRITE,
@@ -193,7 +222,7 @@ def keymaps_export_cmd(
     """Write a keymap as mindone's line-paired key lists (required keys), to diff with theirs."""
     from sdxl_ckpt.keymaps.mindone import write_export
 
-    for path in write_export(variant, fmt, output, overwrite=overwrite):
+    for path in write_export(_model_kind(model, old_variant), fmt, output, overwrite=overwrite):
         print(f"wrote {path}")
     return 0
 
@@ -315,14 +344,15 @@ def verify_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    variant: str = typer.Option("base", "--variant", help="base | refiner | lcm."),
+    model: Optional[str] = typer.Option(None, "--model", help=f"{MODEL_KINDS} (default base)."),  # noqa: UP045
+    old_variant: Optional[str] = OLD_VARIANT,  # noqa: UP045
     workdir: Optional[str] = typer.Option(None, "--workdir", help="Keep the files here (default: a temp folder)."),  # noqa: UP045
     quiet: bool = QUIET,
 ) -> int:
     """tiny-model -> diffusers-to-sd -> st-to-ms -> reference -> verify on a built-in tiny SDXL, with the verdict."""
     from sdxl_ckpt.demo import run_demo
 
-    return run_demo(variant, workdir, quiet=quiet)
+    return run_demo(_model_kind(model, old_variant, "base"), workdir, quiet=quiet)
 
 
 # --- inspect, diff, hash ---

@@ -67,7 +67,7 @@ def _sd_hashes(path: Path) -> tuple[str, str, str]:
 def outputs(variant: str, work: Path) -> tuple[str, str, str, str]:
     """Build the tiny ``variant`` (seed 0), convert it to SD and to ckpt, and hash both outputs."""
     model = work / "model"
-    _cli("tiny-model", "--variant", variant, "-o", model, "-q", *(["--cond-proj"] if variant == "lcm" else []))
+    _cli("tiny-model", "--model", variant, "-o", model, "-q", *(["--cond-proj"] if variant == "lcm" else []))
     sd, ckpt = work / "model.safetensors", work / "model.ckpt"
     extra = ["--unet", model / "lcm-unet", "--lcm"] if variant == "lcm" else []
     _cli("diffusers-to-sd", model, "-o", sd, "-q", *extra)

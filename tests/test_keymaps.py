@@ -88,10 +88,10 @@ def test_export_reads_back_and_passes_our_own_check(tmp_path):
 def test_cli_export(tmp_path, capsys):
     from sdxl_ckpt.cli import main
 
-    assert main(["keymaps", "export", "--variant", "refiner", "--format", "mindone", "-o", str(tmp_path)]) == 0
+    assert main(["keymaps", "export", "--model", "refiner", "--format", "mindone", "-o", str(tmp_path)]) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"torch_key_refiner.yaml", "mindspore_key_refiner.yaml"}
     assert {k.name: k.shape for k in read_list(tmp_path / "mindspore_key_refiner.yaml")} == _ours("refiner")
-    assert main(["keymaps", "export", "--variant", "refiner", "-o", str(tmp_path)]) == 2  # exists: refused
+    assert main(["keymaps", "export", "--model", "refiner", "-o", str(tmp_path)]) == 2  # exists: refused
     capsys.readouterr()
 
 

@@ -290,16 +290,16 @@ def test_refiner_pipeline_runs_offline(tiny_refiner):
 
 def test_cli_tiny_model(tmp_path, tiny_refiner, capsys):
     out = tmp_path / "ref"
-    assert main(["tiny-model", "--variant", "refiner", "-o", str(out), "--quiet"]) == 0
+    assert main(["tiny-model", "--model", "refiner", "-o", str(out), "--quiet"]) == 0
     assert _weight_files(out) == _weight_files(tiny_refiner)
     capsys.readouterr()
 
-    assert main(["tiny-model", "--variant", "refiner", "-o", str(out)]) == 2
+    assert main(["tiny-model", "--model", "refiner", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--overwrite" in err and len(err.strip().splitlines()) == 1
 
     (out / "stale.txt").write_text("old")
-    assert main(["tiny-model", "--variant", "refiner", "-o", str(out), "--seed", "1", "--overwrite", "-q"]) == 0
+    assert main(["tiny-model", "--model", "refiner", "-o", str(out), "--seed", "1", "--overwrite", "-q"]) == 0
     assert not (out / "stale.txt").exists()
     assert _weight_files(out) != _weight_files(tiny_refiner)
 
@@ -308,10 +308,10 @@ def test_cli_refuses_bad_requests(tmp_path, capsys):
     other = tmp_path / "not_a_pipeline"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")
-    assert main(["tiny-model", "--variant", "base", "-o", str(other), "--overwrite", "-q"]) == 2
+    assert main(["tiny-model", "--model", "base", "-o", str(other), "--overwrite", "-q"]) == 2
     assert (other / "precious.txt").read_text() == "keep me"
-    assert main(["tiny-model", "--variant", "sdxl", "-o", str(tmp_path / "x")]) == 2
-    assert main(["tiny-model", "--variant", "base", "--cond-proj", "-o", str(tmp_path / "y")]) == 2
+    assert main(["tiny-model", "--model", "sdxl", "-o", str(tmp_path / "x")]) == 2
+    assert main(["tiny-model", "--model", "base", "--cond-proj", "-o", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     errs = capsys.readouterr().err
     assert "model_index.json" in errs and "unknown variant" in errs and "lcm variant only" in errs
@@ -327,7 +327,7 @@ def test_full_generator_on_tiny_configs(tmp_path, tiny_base, monkeypatch, capsys
     # the CLI's --full path, with the real configs swapped for the tiny ones (no 7 GB in tests)
     monkeypatch.setattr(full_model, "full_configs", tiny_configs)
     out = tmp_path / "full"
-    assert main(["tiny-model", "--variant", "base", "--full", "-o", str(out), "-q"]) == 0
+    assert main(["tiny-model", "--model", "base", "--full", "-o", str(out), "-q"]) == 0
     files = {
         c: out / c / (("model" if "text" in c else "diffusion_pytorch_model") + ".fp16.safetensors")
         for c in ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -374,5 +374,5 @@ def test_full_generator_on_tiny_configs(tmp_path, tiny_base, monkeypatch, capsys
 
 
 def test_full_cli_refuses_cond_proj(tmp_path, capsys):
-    assert main(["tiny-model", "--variant", "lcm", "--full", "--cond-proj", "-o", str(tmp_path / "f")]) == 2
+    assert main(["tiny-model", "--model", "lcm", "--full", "--cond-proj", "-o", str(tmp_path / "f")]) == 2
     assert "--cond-proj" in capsys.readouterr().err and not (tmp_path / "f").exists()
