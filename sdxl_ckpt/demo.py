@@ -26,7 +26,7 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _step(n: int, title: str, quiet: bool) -> Callable[[str], None]:
+def _step(n: int, title: str) -> Callable[[str], None]:
     start = time.perf_counter()
     print(f"[{n}/5] {title} ...", flush=True)
 
@@ -39,7 +39,7 @@ def _step(n: int, title: str, quiet: bool) -> Callable[[str], None]:
 def run_demo(variant: str = "base", workdir: str | os.PathLike | None = None, quiet: bool = False) -> int:
     """Run the five steps in ``workdir`` (a temporary folder when None); returns verify's exit code."""
     if variant not in DEMO_SETTINGS:
-        raise InputError(f"--variant must be one of {', '.join(DEMO_SETTINGS)}, not {variant!r}")
+        raise InputError(f"--model must be one of {', '.join(DEMO_SETTINGS)}, not {variant!r}")
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="sdxl-ckpt-demo-") as tmp:
             return _run(variant, Path(tmp), quiet)
@@ -58,28 +58,28 @@ def _run(variant: str, wd: Path, quiet: bool) -> int:
     total = time.perf_counter()
     print(f"sdxl-ckpt demo: tiny SDXL {variant}, working in {wd}")
     folder = wd / f"tiny-{variant}"
-    done = _step(1, f"tiny-model --variant {variant} -o {folder}", quiet)
+    done = _step(1, f"tiny-model --model {variant} -o {folder}")
     build_tiny_model(variant, prepare_output_dir(folder, overwrite=True), seed=0)
     unet_dir = folder / "lcm-unet" if variant == "lcm" else None
     done("diffusers folder with random SDXL-shaped weights" + (" + lcm-unet/" if unet_dir else ""))
 
     sd_file, ckpt = wd / f"sdxl-{variant}.safetensors", wd / f"sdxl-{variant}.ckpt"
     ref_file = wd / f"ref-{variant}.npz"
-    done = _step(2, f"diffusers-to-sd {folder.name} -o {sd_file.name}", quiet)
+    done = _step(2, f"diffusers-to-sd {folder.name} -o {sd_file.name}")
     rep = convert_diffusers_to_sd(folder, sd_file, unet_dir=unet_dir, lcm=variant == "lcm", overwrite=True, quiet=quiet)
     done(f"{rep['tensors']} tensors, {rep['architecture']} ({rep['variant']})")
 
-    done = _step(3, f"st-to-ms {sd_file.name} -o {ckpt.name}", quiet)
+    done = _step(3, f"st-to-ms {sd_file.name} -o {ckpt.name}")
     rep = st_to_ms(sd_file, ckpt, overwrite=True, quiet=quiet)
     done(f"{rep['keys_written']} records, {rep['renamed']} renamed, keymap {rep['variant']}")
 
     settings = DEMO_SETTINGS[variant]
-    done = _step(4, f"reference {folder.name} (diffusers, torch) -o {ref_file.name}", quiet)
-    _, ref = run_reference(folder, ref_file, overwrite=True, quiet=quiet, unet=unet_dir, **settings)
+    done = _step(4, f"reference {folder.name} (diffusers, torch) -o {ref_file.name}")
+    _, ref = run_reference(folder, ref_file, overwrite=True, unet=unet_dir, **settings)
     s = ref.settings
     done(f"{s['sampler']}, {s['steps_run']} steps, {s['height']}x{s['width']}, guidance {s['guidance']}")
 
-    done = _step(5, f"verify {ckpt.name} --reference {ref_file.name} (MindSpore, fp32, CPU)", quiet)
+    done = _step(5, f"verify {ckpt.name} --reference {ref_file.name} (MindSpore, fp32, CPU)")
     report = verify_checkpoint(ckpt, load_reference(ref_file), quiet=quiet)
     done(f"{len(report.results)} stages compared")
     print(render(report))

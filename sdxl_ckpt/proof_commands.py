@@ -16,7 +16,7 @@ def reference_command(
     """Run the PyTorch reference and write REF.npz; prints what was stored."""
     from sdxl_ckpt.reference.reference import run_reference, summary_rows
 
-    path, ref = run_reference(src, output, overwrite=overwrite, quiet=quiet, **settings)
+    path, ref = run_reference(src, output, overwrite=overwrite, **settings)
     s = ref.settings
     if json_out == "-":
         write_json({"command": "reference", "output": str(path), "meta": ref.meta, "arrays": summary_rows(ref)}, "-")
@@ -62,11 +62,9 @@ def verify_command(
         from sdxl_ckpt.reference.reference import make_reference, run_reference
 
         if save_reference is not None:
-            _, ref = run_reference(
-                source, save_reference, overwrite=True, quiet=quiet, sampler=sampler or "euler", **settings
-            )
+            _, ref = run_reference(source, save_reference, overwrite=True, sampler=sampler or "euler", **settings)
         else:
-            ref = make_reference(source, quiet=quiet, sampler=sampler or "euler", **settings)
+            ref = make_reference(source, sampler=sampler or "euler", **settings)
         ref.meta.setdefault("path", save_reference or f"(computed from {source})")
     else:
         ref = load_reference(reference)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.sdxl_runtime.sampling import (
     DiscreteDenoiser,
     EDMDiscretization,
@@ -279,3 +280,17 @@ def test_trajectory_equals_diffusers_scheduler(name, n):
             assert rel < 2e-6, (name, i, rel)
     finally:
         ea.randn_tensor, lcm_mod.randn_tensor = saved
+
+
+def test_sampler_table_names_every_runtime_sampler() -> None:
+    """The functions and the table that says which diffusers scheduler checks each one name the same samplers."""
+    from sdxl_ckpt.sdxl.samplers import REFERENCE_SAMPLERS, SAMPLERS, reference_sampler
+    from sdxl_ckpt.sdxl_runtime.sampling import SAMPLERS as FUNCTIONS
+
+    assert set(FUNCTIONS) == set(SAMPLERS)
+    assert REFERENCE_SAMPLERS == ("euler", "dpmpp_2m", "lcm")
+    assert reference_sampler("Euler") == "euler"
+    with pytest.raises(InputError, match="no diffusers reference"):
+        reference_sampler("euler_a")
+    with pytest.raises(InputError, match="unknown sampler"):
+        reference_sampler("ddim")

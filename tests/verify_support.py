@@ -41,7 +41,7 @@ def convert(folder: Path, out_dir: Path, name: str, unet_dir: Path | None = None
 def reference(src: Path, out: Path, **settings: Any) -> Path:
     from sdxl_ckpt.reference.reference import run_reference
 
-    run_reference(src, out, overwrite=True, quiet=True, **settings)
+    run_reference(src, out, overwrite=True, **settings)
     return out
 
 

@@ -204,6 +204,11 @@ def read_config(folder: Path) -> tuple[dict[str, Any], str]:
     return config, text
 
 
+def with_text_model_level(name: str) -> str:
+    """A CLIP key in the official layout: flat keys (as transformers >= 5.6 saves them) get ``text_model.``."""
+    return "text_model." + name if name.startswith(CLIP_FLAT_ROOTS) else name
+
+
 def normalise_clip_keys(entries: list[TensorEntry]) -> tuple[list[TensorEntry], int]:
     """Give flat CLIP keys (``embeddings.*``, ``encoder.*``, ``final_layer_norm.*``) their ``text_model.`` level.
 
@@ -213,9 +218,8 @@ def normalise_clip_keys(entries: list[TensorEntry]) -> tuple[list[TensorEntry], 
     seen: dict[str, str] = {}
     renamed = 0
     for entry in entries:
-        name = entry.name
-        if name.startswith(CLIP_FLAT_ROOTS):
-            name = "text_model." + name
+        name = with_text_model_level(entry.name)
+        if name != entry.name:
             renamed += 1
             entry = dataclasses.replace(entry, name=name)
         if name in seen:

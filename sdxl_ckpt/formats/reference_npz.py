@@ -1,18 +1,8 @@
 """The reference file: one ``.npz`` of named arrays plus a JSON metadata string, shared by ``reference`` and ``verify``.
 
-numpy only (no torch), so the MindSpore side can read what the PyTorch side wrote. The arrays (B = 2 with CFG,
-batch order [uncond, cond]; ``*_uncond`` arrays exist only when the unconditional branch was encoded):
-
-- ``ids1_cond``, ``ids1_uncond``, ``ids2_cond``, ``ids2_uncond`` (1, 77) int64: token ids of CLIP-L / OpenCLIP
-- ``te1_hidden_*`` CLIP-L layer-11 hidden state; ``te2_hidden_*`` OpenCLIP penultimate; ``te2_pooled_*`` pooled
-- ``time_ids`` (B, 6 | 5): the size/crop (refiner: size/crop/aesthetic) scalars; ``context`` (B, 77, C); ``y`` (B, adm)
-- ``timestep_cond`` (1, d): LCM guidance embedding, only for UNets with ``time_cond_proj``
-- ``noise`` (1, 4, h, w): the initial noise; ``sigmas`` (n+1,), ``timesteps`` (n,) of the steps run
-- ``init_image`` (1, 3, H, W), ``init_latent`` (1, 4, h, w): img2img (refiner) input and its VAE encoding
-- ``step_noise`` (n-1, 1, 4, h, w): fresh noise the LCM sampler drew between steps
-- ``unet_in_x``, ``unet_in_t``, ``unet_in_context``, ``unet_in_y``, ``unet_out``: the first UNet call
-- ``latents`` (n, 1, 4, h, w): the sample after every step, in the scheduler's space (metadata ``latent_space``)
-- ``final_latent``, ``decoded`` (1, 3, H, W) raw VAE output, ``image`` (1, H, W, 3) in [0, 1], ``image_u8``
+numpy only (no torch), so the MindSpore side can read what the PyTorch side wrote. ``ARRAYS`` declares every
+array the file may hold (B = 2 with CFG, batch order [uncond, cond]); the writer refuses an undeclared name, so
+the two sides cannot drift apart silently.
 """
 
 from __future__ import annotations
@@ -31,24 +21,38 @@ from sdxl_ckpt.formats.atomic import atomic_output
 
 FORMAT = "sdxl-ckpt-reference/1"
 META_KEY = "meta_json"
-REQUIRED = (
-    "noise",
-    "sigmas",
-    "timesteps",
-    "time_ids",
-    "context",
-    "y",
-    "unet_in_x",
-    "unet_in_t",
-    "unet_in_context",
-    "unet_in_y",
-    "unet_out",
-    "latents",
-    "final_latent",
-    "decoded",
-    "image",
-    "image_u8",
-)
+# name -> (required, what it holds); a name with "{b}" exists once per encoded text branch (``cond``, and
+# ``uncond`` when the unconditional prompt was encoded rather than zeroed)
+ARRAYS: dict[str, tuple[bool, str]] = {
+    "ids1_{b}": (False, "(1, 77) int64 token ids of CLIP-L (base only)"),
+    "ids2_{b}": (False, "(1, 77) int64 token ids of OpenCLIP"),
+    "te1_hidden_{b}": (False, "CLIP-L layer-11 hidden state (base only)"),
+    "te2_hidden_{b}": (False, "OpenCLIP penultimate hidden state"),
+    "te2_pooled_{b}": (False, "OpenCLIP pooled, projected output"),
+    "time_ids": (True, "(B, 6 | 5) size/crop (refiner: size/crop/aesthetic) scalars"),
+    "context": (True, "(B, 77, C) cross-attention context"),
+    "y": (True, "(B, adm) the UNet's vector conditioning"),
+    "timestep_cond": (False, "(1, d) LCM guidance embedding, only for UNets with time_cond_proj"),
+    "noise": (True, "(1, 4, h, w) the initial noise"),
+    "sigmas": (True, "(n+1,) sigmas of the steps run"),
+    "timesteps": (True, "(n,) timesteps of the steps run"),
+    "init_image": (False, "(1, 3, H, W) img2img (refiner) input"),
+    "init_latent": (False, "(1, 4, h, w) its VAE encoding (posterior mean, scaled)"),
+    "step_noise": (False, "(n-1, 1, 4, h, w) fresh noise the LCM sampler drew between steps"),
+    "unet_in_x": (True, "first UNet call: input sample"),
+    "unet_in_t": (True, "first UNet call: timestep"),
+    "unet_in_context": (True, "first UNet call: context"),
+    "unet_in_y": (True, "first UNet call: y"),
+    "unet_out": (True, "first UNet call: output"),
+    "latents": (True, "(n, 1, 4, h, w) the sample after every step, in the scheduler's space (meta latent_space)"),
+    "final_latent": (True, "the last sample"),
+    "decoded": (True, "(1, 3, H, W) raw VAE output"),
+    "image": (True, "(1, H, W, 3) in [0, 1]"),
+    "image_u8": (True, "(1, H, W, 3) uint8, as the pipeline's PIL image"),
+}
+BRANCHES = ("cond", "uncond")
+REQUIRED = tuple(name for name, (required, _) in ARRAYS.items() if required)
+DECLARED = frozenset(name.format(b=b) for name in ARRAYS for b in BRANCHES)
 
 
 @dataclass
@@ -81,6 +85,9 @@ class Reference:
 
 def save_reference(path: str | os.PathLike, ref: Reference, overwrite: bool = False) -> Path:
     """Write atomically; arrays in sorted order so two runs give the same members in the same order."""
+    undeclared = sorted(set(ref.arrays) - DECLARED)
+    if undeclared:  # a programming error: the schema above is the contract between the two sides
+        raise ValueError(f"reference arrays not declared in reference_npz.ARRAYS: {undeclared}")
     meta = dict(ref.meta, format=FORMAT)
     with atomic_output(path, overwrite) as handle:
         np.savez(

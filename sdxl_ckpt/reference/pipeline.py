@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.sdxl.samplers import reference_sampler
 from sdxl_ckpt.sdxl_runtime.sampling.discretization import legacy_ddpm_timesteps
 
-REFERENCE_SAMPLERS = ("euler", "dpmpp_2m", "lcm")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
@@ -78,13 +78,15 @@ class LoadedPipeline:
     metadata: dict[str, str]  # the SD file's metadata ({} for a folder)
 
 
-def _weights_variant(folder: Path) -> str | None:
-    """ "fp16" when the UNet folder holds only ``*.fp16.safetensors`` (diffusers then needs ``variant="fp16"``)."""
-    unet = folder / "unet"
-    files = [p.name for p in unet.glob("*.safetensors")] if unet.is_dir() else []
-    if files and all(".fp16." in name for name in files):
-        return "fp16"
-    return None
+def _weights_variant(component: Path) -> str | None:
+    """The weights variant diffusers must be told to read ``component`` ("fp16" when only ``*.fp16.*`` exist).
+
+    The same choice the converters make (``find_weight_files``), so a folder the tool converts is the folder the
+    reference runs; a component with no safetensors weights is an error there, never a guessed variant.
+    """
+    from sdxl_ckpt.formats.diffusers_folder import find_weight_files
+
+    return find_weight_files(component).variant
 
 
 def _is_refiner_folder(folder: Path) -> bool:
@@ -102,9 +104,8 @@ def load_unet(unet_dir: Path) -> Any:
 
     if not (unet_dir / "config.json").is_file():
         raise InputError("not a diffusers UNet folder (no config.json)", path=unet_dir)
-    variant = "fp16" if all(".fp16." in p.name for p in unet_dir.glob("*.safetensors")) else None
     return UNet2DConditionModel.from_pretrained(
-        unet_dir, torch_dtype=torch.float32, variant=variant, local_files_only=True
+        unet_dir, torch_dtype=torch.float32, variant=_weights_variant(unet_dir), local_files_only=True
     )
 
 
@@ -212,7 +213,7 @@ def load_pipeline(
         if src.is_dir():
             refiner = _is_refiner_folder(src)
             pipe = _pipeline_class(refiner).from_pretrained(
-                src, torch_dtype=torch.float32, local_files_only=True, variant=_weights_variant(src), **extra
+                src, torch_dtype=torch.float32, local_files_only=True, variant=_weights_variant(src / "unet"), **extra
             )
             return LoadedPipeline(pipe, refiner, "folder", {})
         if not src.is_file():
@@ -257,8 +258,7 @@ def configure_scheduler(pipe: Any, sampler: str, steps: int) -> tuple[Any, list[
     """
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 
-    if sampler not in REFERENCE_SAMPLERS:
-        raise InputError(f"sampler {sampler!r} has no diffusers reference (choose {', '.join(REFERENCE_SAMPLERS)})")
+    sampler = reference_sampler(sampler)
     base = dict(pipe.scheduler.config)
     train = check_training_schedule(base)
     common = {"beta_schedule": "scaled_linear", "prediction_type": "epsilon", "trained_betas": None, **train}

@@ -23,6 +23,7 @@ import hashlib
 import math
 import os
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from sdxl_ckpt import __version__
 from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.formats.atomic import check_output
 from sdxl_ckpt.formats.reference_npz import Reference, save_reference
+from sdxl_ckpt.sdxl.samplers import reference_sampler
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -91,6 +93,153 @@ def synthetic_init_image(seed: int, height: int, width: int) -> Any:
     return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
 
 
+@dataclass
+class _Run:
+    """One reference run as it is prepared: the loaded pipeline, its scheduler, the call and the inputs fed."""
+
+    loaded: Any
+    scheduler: Any
+    explicit_timesteps: list[int] | None
+    schedule_note: str
+    height: int
+    width: int
+    call: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _load(
+    src: Path, unet: Any, config_dir: Any, sampler: str, steps: int, height: int | None, width: int | None
+) -> _Run:
+    """The pipeline with our sampler's scheduler, and the image size (default: the UNet's native size)."""
+    from sdxl_ckpt.reference.pipeline import configure_scheduler, load_pipeline, quiet_libraries
+
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
+    loaded = load_pipeline(src, unet, config_dir)
+    pipe = loaded.pipe
+    pipe.set_progress_bar_config(disable=True)
+    with quiet_libraries():
+        scheduler, explicit_timesteps, schedule_note = configure_scheduler(pipe, sampler, steps)
+    scale = pipe.vae_scale_factor
+    native = pipe.unet.config.sample_size * scale  # the img2img pipeline has no default_sample_size
+    height, width = height or native, width or native
+    if height % scale or width % scale:
+        raise InputError(f"--height and --width must be multiples of {scale}, got {height}x{width}")
+    return _Run(loaded, scheduler, explicit_timesteps, schedule_note, height, width)
+
+
+def _prepare_inputs(
+    run: _Run, prompt: str, negative_prompt: str | None, steps: int, seed: int, guidance: float, strength: float
+) -> None:
+    """The pipeline call and what it is fed: the seeded noise, and the init image (img2img) or initial latent."""
+    import torch
+
+    from sdxl_ckpt.reference.pipeline import latent_space, sigmas_of
+
+    pipe, scheduler = run.loaded.pipe, run.scheduler
+    scale = pipe.vae_scale_factor
+    latent_shape = (1, pipe.unet.config.in_channels, run.height // scale, run.width // scale)
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    run.call = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "guidance_scale": guidance,
+        "output_type": "np",
+        "generator": torch.Generator().manual_seed(seed),
+    }
+    if run.explicit_timesteps is not None:
+        run.call["timesteps"] = run.explicit_timesteps
+    else:
+        run.call["num_inference_steps"] = steps
+    run.arrays["noise"] = noise.numpy().copy()
+    if run.loaded.refiner:
+        init_image = synthetic_init_image(seed, run.height, run.width)
+        with torch.no_grad():
+            init_latent = pipe.vae.encode(init_image).latent_dist.mode() * pipe.vae.config.scaling_factor
+        if getattr(pipe.vae.config, "latents_mean", None) is not None:
+            raise InputError("VAEs with latents_mean/latents_std are not supported")
+        run.call.update(image=init_latent, strength=strength)
+        run.arrays.update(init_image=init_image.numpy().copy(), init_latent=init_latent.numpy().copy())
+    else:
+        first_t = scheduler.timesteps[0] if run.explicit_timesteps is None else run.explicit_timesteps[0]
+        s0 = float(sigmas_of(scheduler, [int(first_t)])[0])
+        start = noise * math.sqrt(1.0 + s0 * s0) if latent_space(scheduler) == "ve" else noise
+        run.call.update(latents=start / scheduler.init_noise_sigma, height=run.height, width=run.width)
+
+
+def _run_recorded(run: _Run) -> Any:
+    """Run the pipeline once with the recording hooks; collect what it computed into ``run.arrays``."""
+    import torch
+
+    from sdxl_ckpt.reference.capture import Recording, record, step_callback
+    from sdxl_ckpt.reference.pipeline import quiet_libraries, sigmas_of
+
+    pipe = run.loaded.pipe
+    rec = Recording()
+    with quiet_libraries(), record(pipe, rec), torch.no_grad():
+        out = pipe(**run.call, callback_on_step_end=step_callback(rec), callback_on_step_end_tensor_inputs=["latents"])
+    if run.loaded.refiner:
+        run.arrays["noise"] = rec.add_noise["noise"]  # the noise img2img actually added
+    _collect(run.arrays, rec, run.scheduler, sigmas_of, np.asarray(out.images, dtype=np.float32))
+    return rec
+
+
+def _metadata(run: _Run, rec: Any, src: Path, unet: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings, schedule, every component config, provenance and the alignment notes stored with the arrays."""
+    from sdxl_ckpt.reference.pipeline import latent_space
+
+    pipe, scheduler, refiner = run.loaded.pipe, run.scheduler, run.loaded.refiner
+    cfg = run.arrays["context"].shape[0] == 2
+    space = latent_space(scheduler)
+    return {
+        "variant": _variant(run.loaded, settings["sampler"]),
+        "structure": "refiner" if refiner else "base",
+        "settings": {
+            **settings,
+            "steps_run": len(rec.timesteps),
+            "height": run.height,
+            "width": run.width,
+            "strength": settings["strength"] if refiner else None,
+            "cfg": cfg,
+            "uncond": "none" if not cfg else ("encoded" if len(rec.te2) == 2 else "zeros"),
+            "img2img_start": settings["steps"] - len(rec.timesteps) if refiner else 0,
+        },
+        "schedule": {
+            **{k: dict(scheduler.config)[k] for k in ("beta_start", "beta_end", "num_train_timesteps")},
+            "beta_schedule": "scaled_linear",
+            "latent_space": space,
+            "scheduler": type(scheduler).__name__,
+            "alignment": run.schedule_note,
+        },
+        "configs": {
+            "unet": _config_dict(pipe.unet.config),
+            "vae": _config_dict(pipe.vae.config),
+            "text_encoder": _config_dict(pipe.text_encoder.config) if getattr(pipe, "text_encoder", None) else None,
+            "text_encoder_2": _config_dict(pipe.text_encoder_2.config),
+            "scheduler": _config_dict(scheduler.config),
+        },
+        "source": {
+            "path": str(src),
+            "kind": run.loaded.kind,
+            "sha256": source_sha256(src),
+            "unet": str(unet) if unet is not None else None,
+            "unet_sha256": source_sha256(Path(unet)) if unet is not None else None,
+        },
+        "versions": _versions(),
+        "dtype": "fp32",
+        "device": "cpu",
+        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
+        "alignment": [
+            run.schedule_note,
+            "initial latent: ours x = noise*sqrt(1+s0^2); pipeline given noise*sqrt(1+s0^2)/init_noise_sigma (Euler)"
+            " or noise (DPM-Solver/LCM, DDPM space)"
+            if not refiner
+            else "img2img: init latent = VAE posterior mean * scaling_factor; x = z + sigma_start * recorded noise",
+            f"latents stored in the scheduler's space ({space}); VP latents = x / sqrt(1+sigma^2)",
+        ],
+    }
+
+
 def make_reference(
     src: str | os.PathLike,
     *,
@@ -105,127 +254,29 @@ def make_reference(
     strength: float = 0.5,
     unet: str | os.PathLike | None = None,
     config_dir: str | os.PathLike | None = None,
-    quiet: bool = False,
 ) -> Reference:
-    """Run the pipeline with recording hooks and return the reference (arrays + metadata), in memory."""
-    from sdxl_ckpt.reference.pipeline import (
-        configure_scheduler,
-        latent_space,
-        load_pipeline,
-        quiet_libraries,
-        require_torch,
-        sigmas_of,
-    )
+    """Run the pipeline with recording hooks and return the reference (arrays + metadata), in memory.
+
+    The steps: load the pipeline with our sampler's scheduler, prepare its inputs from the seed, run it once
+    with the hooks, then store what it computed together with everything needed to repeat it.
+    """
+    from sdxl_ckpt.reference.pipeline import require_torch
 
     require_torch()
-    import torch
-
-    from sdxl_ckpt.reference.capture import Recording, record, step_callback
-
-    if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
-    src = Path(src)
-    loaded = load_pipeline(src, unet, config_dir)
-    pipe = loaded.pipe
-    pipe.set_progress_bar_config(disable=True)
-    with quiet_libraries():
-        scheduler, explicit_timesteps, schedule_note = configure_scheduler(pipe, sampler, steps)
-    scale = pipe.vae_scale_factor
-    height = height or pipe.default_sample_size * scale
-    width = width or pipe.default_sample_size * scale
-    if height % scale or width % scale:
-        raise InputError(f"--height and --width must be multiples of {scale}, got {height}x{width}")
-    latent_shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
-
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(latent_shape, generator=gen, dtype=torch.float32)
-    call: dict[str, Any] = {
+    src, sampler = Path(src), reference_sampler(sampler)
+    run = _load(src, unet, config_dir, sampler, steps, height, width)
+    _prepare_inputs(run, prompt, negative_prompt, steps, seed, guidance, strength)
+    rec = _run_recorded(run)
+    settings = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
-        "guidance_scale": guidance,
-        "output_type": "np",
-        "generator": torch.Generator().manual_seed(seed),
+        "steps": steps,
+        "seed": seed,
+        "guidance": guidance,
+        "sampler": sampler,
+        "strength": strength,
     }
-    if explicit_timesteps is not None:
-        call["timesteps"] = explicit_timesteps
-    else:
-        call["num_inference_steps"] = steps
-    arrays: dict[str, np.ndarray] = {"noise": noise.numpy().copy()}
-    if loaded.refiner:
-        init_image = synthetic_init_image(seed, height, width)
-        with torch.no_grad():
-            init_latent = pipe.vae.encode(init_image).latent_dist.mode() * pipe.vae.config.scaling_factor
-        if getattr(pipe.vae.config, "latents_mean", None) is not None:
-            raise InputError("VAEs with latents_mean/latents_std are not supported")
-        call.update(image=init_latent, strength=strength)
-        arrays.update(init_image=init_image.numpy().copy(), init_latent=init_latent.numpy().copy())
-    else:
-        first_t = scheduler.timesteps[0] if explicit_timesteps is None else explicit_timesteps[0]
-        s0 = float(sigmas_of(scheduler, [int(first_t)])[0])
-        start = noise * math.sqrt(1.0 + s0 * s0) if latent_space(scheduler) == "ve" else noise
-        call.update(latents=start / scheduler.init_noise_sigma, height=height, width=width)
-
-    rec = Recording()
-    with quiet_libraries(), record(pipe, rec), torch.no_grad():
-        out = pipe(**call, callback_on_step_end=step_callback(rec), callback_on_step_end_tensor_inputs=["latents"])
-    image = np.asarray(out.images, dtype=np.float32)
-    if loaded.refiner:
-        arrays["noise"] = rec.add_noise["noise"]  # the noise img2img actually added
-    _collect(arrays, rec, scheduler, sigmas_of, image)
-    cfg = arrays["context"].shape[0] == 2
-    meta = {
-        "variant": _variant(loaded, sampler),
-        "structure": "refiner" if loaded.refiner else "base",
-        "settings": {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "steps": steps,
-            "steps_run": len(rec.timesteps),
-            "height": height,
-            "width": width,
-            "seed": seed,
-            "guidance": guidance,
-            "sampler": sampler,
-            "strength": strength if loaded.refiner else None,
-            "cfg": cfg,
-            "uncond": "none" if not cfg else ("encoded" if len(rec.te2) == 2 else "zeros"),
-            "img2img_start": steps - len(rec.timesteps) if loaded.refiner else 0,
-        },
-        "schedule": {
-            **{k: dict(scheduler.config)[k] for k in ("beta_start", "beta_end", "num_train_timesteps")},
-            "beta_schedule": "scaled_linear",
-            "latent_space": latent_space(scheduler),
-            "scheduler": type(scheduler).__name__,
-            "alignment": schedule_note,
-        },
-        "configs": {
-            "unet": _config_dict(pipe.unet.config),
-            "vae": _config_dict(pipe.vae.config),
-            "text_encoder": _config_dict(pipe.text_encoder.config) if getattr(pipe, "text_encoder", None) else None,
-            "text_encoder_2": _config_dict(pipe.text_encoder_2.config),
-            "scheduler": _config_dict(scheduler.config),
-        },
-        "source": {
-            "path": str(src),
-            "kind": loaded.kind,
-            "sha256": source_sha256(src),
-            "unet": str(unet) if unet is not None else None,
-            "unet_sha256": source_sha256(Path(unet)) if unet is not None else None,
-        },
-        "versions": _versions(),
-        "dtype": "fp32",
-        "device": "cpu",
-        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
-        "alignment": [
-            schedule_note,
-            "initial latent: ours x = noise*sqrt(1+s0^2); pipeline given noise*sqrt(1+s0^2)/init_noise_sigma (Euler)"
-            " or noise (DPM-Solver/LCM, DDPM space)"
-            if not loaded.refiner
-            else "img2img: init latent = VAE posterior mean * scaling_factor; x = z + sigma_start * recorded noise",
-            f"latents stored in the scheduler's space ({latent_space(scheduler)}); VP latents = x / sqrt(1+sigma^2)",
-        ],
-    }
-    return Reference(arrays, meta)
+    return Reference(run.arrays, _metadata(run, rec, src, unet, settings))
 
 
 def _variant(loaded: Any, sampler: str) -> str:

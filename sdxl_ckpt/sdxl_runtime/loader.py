@@ -140,9 +140,3 @@ def load_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = No
             bar.update(entry.nbytes)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def load_checkpoint(net: SDXLNet, path: str | os.PathLike, quiet: bool = True) -> LoadReport:
-    """Fill ``net`` strictly from a MindSpore ``.ckpt`` or MindSpore-named safetensors file."""
-    entries, _ = read_entries(path)
-    return load_entries(net, entries, path, quiet)

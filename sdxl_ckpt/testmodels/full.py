@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.formats.diffusers_folder import with_text_model_level
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.safetensors_io import write_safetensors
 from sdxl_ckpt.sdxl.configs import full_configs, structure_of
@@ -65,9 +66,7 @@ def saved_key_shapes(component: str, model: Any) -> list[tuple[str, tuple[int, .
     """(name, shape) of every tensor the official weight file holds (CLIP-L under ``text_model.``)."""
     items = []
     for name, tensor in model.state_dict().items():
-        if component == "text_encoder" and not name.startswith("text_model."):
-            name = "text_model." + name
-        items.append((name, tuple(tensor.shape)))
+        items.append((with_text_model_level(name) if component == "text_encoder" else name, tuple(tensor.shape)))
     return items
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_ckpt.errors import InputError, OutputExistsError
+from sdxl_ckpt.formats.diffusers_folder import with_text_model_level
 from sdxl_ckpt.sdxl.configs import full_configs, structure_of
 from sdxl_ckpt.sdxl.tokenizers import BYTE_LEVEL_VOCAB_SIZE, write_tokenizers
 from sdxl_ckpt.testmodels.common import component_seed, text_config, write_model_index, write_scheduler
@@ -150,9 +151,7 @@ def _prefix_clip_keys(folder: Path, variant_fp16: bool) -> None:
     path = folder / ("model.fp16.safetensors" if variant_fp16 else "model.safetensors")
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
-        tensors = {
-            (k if k.startswith("text_model.") else "text_model." + k): handle.get_tensor(k) for k in handle.keys()
-        }
+        tensors = {with_text_model_level(k): handle.get_tensor(k) for k in handle.keys()}
     save_file(tensors, str(path), metadata=metadata)
 
 

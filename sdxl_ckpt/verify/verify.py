@@ -15,7 +15,8 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ import numpy as np
 
 from sdxl_ckpt.errors import InputError, KeyMismatchError
 from sdxl_ckpt.formats.reference_npz import Reference
+from sdxl_ckpt.sdxl.samplers import REFERENCE_SAMPLERS, reference_sampler
 from sdxl_ckpt.sdxl_runtime.sampling import (
+    SAMPLERS,
     DiscreteDenoiser,
     LegacyDDPMDiscretization,
     img2img_sample,
@@ -32,22 +35,30 @@ from sdxl_ckpt.sdxl_runtime.sampling import (
     lcm_timesteps,
     make_denoise,
     make_guider,
-    sample_dpmpp_2m,
-    sample_euler,
-    sample_lcm,
 )
 from sdxl_ckpt.verify.compare import StageResult, Tolerances, compare, first_failure, report_dict
 
-VERIFY_SAMPLERS = ("euler", "dpmpp_2m", "lcm")
+
+@dataclass(frozen=True)
+class Schedule:
+    """Our discretization, the timesteps of the steps run and their sigmas; ``note`` when they differ from the ref."""
+
+    disc: LegacyDDPMDiscretization
+    timesteps: np.ndarray
+    sigmas: np.ndarray
+    note: str
 
 
-@dataclass
 class Session:
-    """The runtime, the reference, and our intermediate results as the stages produce them."""
+    """The runtime, the reference, and our results, each computed once on first use.
 
-    rt: Any
-    ref: Reference
-    ours: dict[str, Any] = field(default_factory=dict)
+    Every result is a cached property that names what it depends on, so the order of work is the order the
+    stages ask for results, and each stage can be computed alone (``unet.first`` needs no text encoding).
+    """
+
+    def __init__(self, rt: Any, ref: Reference) -> None:
+        self.rt = rt
+        self.ref = ref
 
     @property
     def s(self) -> dict[str, Any]:
@@ -66,77 +77,100 @@ class Session:
         """Branches whose text is encoded, in reference order: cond, then uncond when it was encoded."""
         return ["cond", "uncond"] if self.cfg and self.s["uncond"] == "encoded" else ["cond"]
 
+    def unet_branches(self) -> list[str]:
+        """Branches of the UNet batch, in the pipeline's order [uncond, cond]."""
+        return ["uncond", "cond"] if self.cfg else ["cond"]
 
-# --- stage computations (each returns our array; may stash results in session.ours) ---------------------------
+    @cached_property
+    def schedule(self) -> Schedule:
+        sched = self.ref.meta["schedule"]
+        disc = LegacyDDPMDiscretization(sched["beta_start"], sched["beta_end"], sched["num_train_timesteps"])
+        n = self.s["steps"]
+        timesteps = lcm_timesteps(n) if self.s["sampler"] == "lcm" else disc.timesteps(n)
+        timesteps = timesteps[img2img_start(n, self.s["strength"]) if self.refiner else 0 :]
+        ref_timesteps = self.ref["timesteps"].tolist()
+        note = (
+            ""
+            if timesteps.tolist() == ref_timesteps
+            else f"timesteps {timesteps.tolist()} vs reference {ref_timesteps}"
+        )
+        return Schedule(disc, timesteps, disc.sigmas_for(timesteps), note)
+
+    @cached_property
+    def text(self) -> dict[str, tuple[Any, ...]]:
+        """(CLIP-L hidden, OpenCLIP hidden, pooled) per encoded branch, from the reference's token ids."""
+        return {
+            b: self.rt.encode_text(None if self.refiner else self.ref[f"ids1_{b}"], self.ref[f"ids2_{b}"])
+            for b in self.branches()
+        }
+
+    @cached_property
+    def conditioning(self) -> dict[str, dict[str, np.ndarray]]:
+        """context and y per UNet branch; the unconditional branch is zeros when the pipeline zeroed it."""
+        time_ids = self.ref["time_ids"]  # [B, 6 | 5] rows in batch order [uncond, cond]
+        rows = {"uncond": time_ids[0:1], "cond": time_ids[-1:]}
+        result = {}
+        for b in self.unet_branches():
+            te = self.text.get(b)
+            if te is None:  # force_zeros_for_empty_prompt: zero text embeddings, real size embeddings
+                cl, cg, pooled = (np.zeros_like(x) if x is not None else None for x in self.text["cond"])
+            else:
+                cl, cg, pooled = te
+            r = rows[b][0]
+            sizes = (
+                {"original_size": r[0:2], "crop_coords_top_left": r[2:4], "aesthetic_score": r[4:5]}
+                if self.refiner
+                else {"original_size": r[0:2], "crop_coords_top_left": r[2:4], "target_size": r[4:6]}
+            )
+            context, y = self.rt.conditioning(cl, cg, pooled, **sizes)
+            result[b] = {"context": context, "y": y}
+            if self.rt.config.unet.time_cond_proj_dim is not None:
+                result[b]["w_cond"] = self.rt.guidance_embedding(self.s["guidance"], 1)
+        return result
+
+    @cached_property
+    def init_latent(self) -> np.ndarray:
+        return self.rt.encode(self.ref["init_image"]) * np.float32(self.rt.config.vae.scaling_factor)
+
+    @cached_property
+    def states(self) -> list[np.ndarray]:
+        """Our sampler from the reference's noise with our conditioning: the sample after every step."""
+        sigmas, noise, conds = self.schedule.sigmas, self.ref["noise"], self.conditioning
+
+        def network(x: np.ndarray, t: np.ndarray, cond: dict[str, np.ndarray]) -> np.ndarray:
+            return self.rt.unet(x, t, cond["context"], cond["y"], cond.get("w_cond"))
+
+        guider = make_guider(self.s["guidance"], self.cfg)
+        denoise = make_denoise(
+            network, DiscreteDenoiser(self.schedule.disc.table), guider, conds["cond"], conds.get("uncond")
+        )
+        x = img2img_sample(self.init_latent, noise, float(sigmas[0])) if self.refiner else initial_sample(noise, sigmas)
+        states: list[np.ndarray] = []
+        extra: dict[str, Any] = {}
+        if self.s["sampler"] == "lcm":
+            step_noise = iter(self.ref["step_noise"]) if "step_noise" in self.ref else iter(())
+            extra = {"timesteps": self.schedule.timesteps, "noise_sampler": lambda s, sn: next(step_noise)}
+        SAMPLERS[self.s["sampler"]](denoise, x, sigmas, callback=lambda i, xi: states.append(xi), **extra)
+        return states
+
+    @cached_property
+    def decoded(self) -> np.ndarray:
+        return self.rt.decode(self.states[-1] / np.float32(self.rt.config.vae.scaling_factor))
 
 
-def _schedule(ss: Session) -> np.ndarray:
-    sched = ss.ref.meta["schedule"]
-    disc = LegacyDDPMDiscretization(sched["beta_start"], sched["beta_end"], sched["num_train_timesteps"])
-    n = ss.s["steps"]
-    timesteps = lcm_timesteps(n) if ss.s["sampler"] == "lcm" else disc.timesteps(n)
-    start = img2img_start(n, ss.s["strength"]) if ss.refiner else 0
-    timesteps = timesteps[start:]
-    ss.ours.update(disc=disc, timesteps=timesteps, sigmas=disc.sigmas_for(timesteps))
-    if timesteps.tolist() != ss.ref["timesteps"].tolist():
-        ss.ours["schedule_note"] = f"timesteps {timesteps.tolist()} vs reference {ss.ref['timesteps'].tolist()}"
-    return ss.ours["sigmas"]
-
-
-def _encode(ss: Session) -> None:
-    if "te" in ss.ours:
-        return
-    outs = {}
-    for b in ss.branches():
-        ids_l = None if ss.refiner else ss.ref[f"ids1_{b}"]
-        outs[b] = ss.rt.encode_text(ids_l, ss.ref[f"ids2_{b}"])
-    ss.ours["te"] = outs
+# --- stage computations ----------------------------------------------------------------------------------------
 
 
 def _stack(ss: Session, index: int) -> np.ndarray:
-    _encode(ss)
-    return np.concatenate([ss.ours["te"][b][index] for b in ss.branches()], axis=0)
+    return np.concatenate([ss.text[b][index] for b in ss.branches()], axis=0)
 
 
 def _ref_stack(prefix: str) -> Callable[[Session], np.ndarray]:
     return lambda ss: np.concatenate([ss.ref[f"{prefix}_{b}"] for b in ss.branches()], axis=0)
 
 
-def _conditioning(ss: Session) -> None:
-    """context and y per branch; the unconditional branch is zeros when the pipeline zeroed it."""
-    if "cond" in ss.ours:
-        return
-    _encode(ss)
-    time_ids = ss.ref["time_ids"]  # [B, 6 | 5] rows in batch order [uncond, cond]
-    rows = {"uncond": time_ids[0:1], "cond": time_ids[-1:]}
-    result = {}
-    for b in ["uncond", "cond"] if ss.cfg else ["cond"]:
-        te = ss.ours["te"].get(b)
-        if te is None:  # force_zeros_for_empty_prompt: zero text embeddings, real size embeddings
-            cl, cg, pooled = (np.zeros_like(x) if x is not None else None for x in ss.ours["te"]["cond"])
-        else:
-            cl, cg, pooled = te
-        r = rows[b][0]
-        sizes = (
-            {"original_size": r[0:2], "crop_coords_top_left": r[2:4], "aesthetic_score": r[4:5]}
-            if ss.refiner
-            else {"original_size": r[0:2], "crop_coords_top_left": r[2:4], "target_size": r[4:6]}
-        )
-        context, y = ss.rt.conditioning(cl, cg, pooled, **sizes)
-        result[b] = {"context": context, "y": y}
-        if ss.rt.config.unet.time_cond_proj_dim is not None:
-            result[b]["w_cond"] = ss.rt.guidance_embedding(ss.s["guidance"], 1)
-    ss.ours["cond"] = result
-
-
 def _batched(ss: Session, key: str) -> np.ndarray:
-    _conditioning(ss)
-    return np.concatenate([ss.ours["cond"][b][key] for b in (["uncond", "cond"] if ss.cfg else ["cond"])])
-
-
-def _init_latent(ss: Session) -> np.ndarray:
-    ss.ours["init_latent"] = ss.rt.encode(ss.ref["init_image"]) * np.float32(ss.rt.config.vae.scaling_factor)
-    return ss.ours["init_latent"]
+    return np.concatenate([ss.conditioning[b][key] for b in ss.unet_branches()])
 
 
 def _unet_first(ss: Session) -> np.ndarray:
@@ -149,70 +183,21 @@ def _decode_ref(ss: Session) -> np.ndarray:
     return ss.rt.decode(ss.ref["final_latent"] / np.float32(ss.rt.config.vae.scaling_factor))
 
 
-def _sample(ss: Session) -> None:
-    """Our sampler from the reference's noise with our conditioning; records the sample after every step."""
-    if "states" in ss.ours:
-        return
-    _conditioning(ss)
-    if "sigmas" not in ss.ours:
-        _schedule(ss)
-    sigmas, noise = ss.ours["sigmas"], ss.ref["noise"]
-    conds = ss.ours["cond"]
-
-    def network(x: np.ndarray, t: np.ndarray, cond: dict[str, np.ndarray]) -> np.ndarray:
-        return ss.rt.unet(x, t, cond["context"], cond["y"], cond.get("w_cond"))
-
-    denoise = make_denoise(
-        network,
-        DiscreteDenoiser(ss.ours["disc"].table),
-        make_guider(ss.s["guidance"], ss.cfg),
-        conds["cond"],
-        conds.get("uncond"),
-    )
-    if ss.refiner:
-        z = ss.ours.get("init_latent")
-        x = img2img_sample(z if z is not None else _init_latent(ss), noise, float(sigmas[0]))
-    else:
-        x = initial_sample(noise, sigmas)
-    states: list[np.ndarray] = []
-    callback = lambda i, xi: states.append(xi)  # noqa: E731
-    sampler = ss.s["sampler"]
-    if sampler == "euler":
-        sample_euler(denoise, x, sigmas, callback=callback)
-    elif sampler == "dpmpp_2m":
-        sample_dpmpp_2m(denoise, x, sigmas, callback=callback)
-    else:
-        step_noise = iter(ss.ref["step_noise"]) if "step_noise" in ss.ref else iter(())
-        sample_lcm(
-            denoise, x, sigmas, ss.ours["timesteps"], noise_sampler=lambda s, sn: next(step_noise), callback=callback
-        )
-    ss.ours["states"] = states
-
-
 def _step(i: int) -> Callable[[Session], np.ndarray]:
     """The sample after step i in the reference's space (VP schedulers hold x / sqrt(1 + sigma^2))."""
 
     def compute(ss: Session) -> np.ndarray:
-        _sample(ss)
-        x = ss.ours["states"][i]
+        x = ss.states[i]
         if ss.ref.meta["schedule"]["latent_space"] == "vp":
-            sigma = float(ss.ours["sigmas"][i + 1])
+            sigma = float(ss.schedule.sigmas[i + 1])
             x = x * np.float32(1.0 / math.sqrt(1.0 + sigma * sigma))
         return x
 
     return compute
 
 
-def _decoded(ss: Session) -> np.ndarray:
-    _sample(ss)
-    ss.ours["decoded"] = ss.rt.decode(ss.ours["states"][-1] / np.float32(ss.rt.config.vae.scaling_factor))
-    return ss.ours["decoded"]
-
-
 def _image(ss: Session) -> np.ndarray:
-    if "decoded" not in ss.ours:
-        _decoded(ss)
-    img = np.clip(ss.ours["decoded"] / np.float32(2) + np.float32(0.5), 0, 1)  # diffusers' denormalize
+    img = np.clip(ss.decoded / np.float32(2) + np.float32(0.5), 0, 1)  # diffusers' denormalize
     return img.transpose(0, 2, 3, 1)
 
 
@@ -233,7 +218,7 @@ def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
     our previous results: every step's sample, the final latent, its decoding, the image.
     """
     get = lambda key: lambda ss: ss.ref[key]  # noqa: E731
-    table = [Stage("schedule", "sigmas", get("sigmas"), _schedule)]
+    table = [Stage("schedule", "sigmas", get("sigmas"), lambda ss: ss.schedule.sigmas)]
     if not refiner:
         table.append(Stage("text_encoder_1", "te1_hidden_*", _ref_stack("te1_hidden"), lambda ss: _stack(ss, 0)))
     table += [
@@ -247,7 +232,7 @@ def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
             Stage("guidance_embedding", "timestep_cond", get("timestep_cond"), lambda ss: _batched(ss, "w_cond"))
         )
     if refiner:
-        table.append(Stage("vae_encode", "init_latent", get("init_latent"), _init_latent))
+        table.append(Stage("vae_encode", "init_latent", get("init_latent"), lambda ss: ss.init_latent))
     table.append(Stage("unet.first", "unet_out", get("unet_out"), _unet_first))
     table.append(Stage("vae.decode", "decoded", get("decoded"), _decode_ref))
     n = len(ref["timesteps"])
@@ -256,7 +241,7 @@ def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
     ]
     table += [
         Stage("final_latent", "final_latent", get("final_latent"), _step(n - 1)),
-        Stage("decoded", "decoded", get("decoded"), _decoded),
+        Stage("decoded", "decoded", get("decoded"), lambda ss: ss.decoded),
         Stage("image", "image", get("image"), _image, image=True),
     ]
     return table
@@ -312,13 +297,13 @@ def verify_checkpoint(
     from sdxl_ckpt.sdxl_runtime.api import SDXLRuntime
 
     ref_sampler = ref.settings["sampler"]
-    if sampler is not None and sampler != ref_sampler:
+    if ref_sampler not in REFERENCE_SAMPLERS:
+        raise InputError(f"unknown sampler {ref_sampler!r} in the reference", path=ref.meta.get("path"))
+    if sampler is not None and reference_sampler(sampler) != ref_sampler:
         raise InputError(
             f"the reference was made with --sampler {ref_sampler}; verify compares the same sampler "
-            f"(make a {sampler} reference to check {sampler})"
+            f"(make a {reference_sampler(sampler)} reference to check it)"
         )
-    if ref_sampler not in VERIFY_SAMPLERS:
-        raise InputError(f"unknown sampler {ref_sampler!r} in the reference")
     tol = Tolerances(dtype, dict(overrides or {}))
     start = time.perf_counter()
     try:
@@ -334,7 +319,7 @@ def verify_checkpoint(
     with step_bar(len(table), "verify", quiet) as bar:
         for stage in table:
             ours = stage.ours(session)
-            note = session.ours.pop("schedule_note", "") if stage.name == "schedule" else ""
+            note = session.schedule.note if stage.name == "schedule" else ""
             result = compare(
                 stage.name,
                 stage.reference,

@@ -32,9 +32,6 @@ class DiscreteDenoiser:
     def sigma_to_idx(self, sigma: float) -> int:
         return int(np.abs(self.table.astype(np.float64) - float(sigma)).argmin())
 
-    def quantize(self, sigma: float) -> float:
-        return float(self.table[self.sigma_to_idx(sigma)])
-
     def __call__(self, network: Network, x: np.ndarray, sigma: float, cond: dict[str, Any]) -> np.ndarray:
         idx = self.sigma_to_idx(sigma)
         sigma_q = float(self.table[idx])
