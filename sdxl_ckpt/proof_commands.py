@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.formats.atomic import check_output
+from sdxl_ckpt.formats.sniff import expect, sniff
 from sdxl_ckpt.report import render_table, write_json
+from sdxl_ckpt.sdxl.components import partial_of
+
+SOURCE_KINDS = ("folder", "sd")
+SOURCE_WANTS = "a diffusers folder or an SD safetensors file"
+MS_KINDS = ("ckpt", "ms-safetensors")
+MS_WANTS = "a MindSpore ckpt or MindSpore-named safetensors"
+
+
+def _check_source(src: str, command: str, settings: dict[str, Any]) -> None:
+    """The reference's inputs: what each is (one line when wrong), before torch is loaded."""
+    expect(sniff(src, partial_of), SOURCE_KINDS, command, SOURCE_WANTS)
+    for option in ("unet", "config_dir"):
+        if settings.get(option) is not None:
+            expect(sniff(settings[option]), ("folder",), f"{command} --{option.removesuffix('_dir')}", "a folder")
 
 
 def reference_command(
@@ -16,6 +31,8 @@ def reference_command(
     """Run the PyTorch reference and write REF.npz; prints what was stored."""
     from sdxl_ckpt.reference.reference import run_reference, summary_rows
 
+    check_output(output, overwrite, inputs=(src, settings.get("unet"), settings.get("config_dir")))
+    _check_source(src, "reference", settings)
     path, ref = run_reference(src, output, overwrite=overwrite, quiet=quiet, **settings)
     s = ref.settings
     if json_out == "-":
@@ -56,8 +73,13 @@ def verify_command(
     overrides = parse_overrides(rtol_override)
     if (reference is None) == (source is None):
         raise InputError("give exactly one of --reference REF.npz and --source SRC")
-    if not os.path.isfile(ckpt):
-        raise InputError("checkpoint not found", path=ckpt)
+    expect(sniff(ckpt, partial_of), MS_KINDS, "verify", MS_WANTS)
+    if reference is not None:
+        expect(sniff(reference), ("npz",), "verify --reference", "a REF.npz written by `reference`")
+    if source is not None:
+        _check_source(source, "verify --source", settings)
+    if save_reference is not None:
+        check_output(save_reference, True, inputs=(ckpt, source, settings.get("unet"), settings.get("config_dir")))
     if source is not None:
         from sdxl_ckpt.reference.reference import make_reference, run_reference
 

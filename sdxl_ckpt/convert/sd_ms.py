@@ -24,14 +24,16 @@ from typing import Any
 import numpy as np
 
 from sdxl_ckpt.errors import InputError, KeyMismatchError
-from sdxl_ckpt.formats.atomic import check_output
+from sdxl_ckpt.formats.atomic import check_output, output_format
 from sdxl_ckpt.formats.ckpt_io import scan_ckpt, verify_crc, write_ckpt
 from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, cast_array, target_dtype
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.fastio import Background
 from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
+from sdxl_ckpt.formats.sniff import expect, sniff
 from sdxl_ckpt.keymaps import VARIANTS, Keymap, KeySpec, load_keymap
 from sdxl_ckpt.keymaps.mindone import check_lists, read_list
+from sdxl_ckpt.sdxl.components import partial_of
 from sdxl_ckpt.sdxl.detect import Detection, detect_variant
 
 FORMATS = ("ckpt", "safetensors")
@@ -247,22 +249,22 @@ def st_to_ms(
     *,
     keys: str = "auto",
     dtype: str = "keep",
-    fmt: str = "ckpt",
+    fmt: str | None = None,
     overwrite: bool = False,
     quiet: bool = True,
     key_torch: str | None = None,
     key_ms: str | None = None,
 ) -> dict[str, Any]:
-    """SD safetensors -> MindSpore names in a ``.ckpt`` (or safetensors); returns the report."""
+    """SD safetensors -> MindSpore names in a ``.ckpt`` (or safetensors, by the output's extension); the report."""
     started = time.monotonic()
     src, out = Path(src), Path(out)
-    if fmt not in FORMATS:
-        raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    fmt = output_format(out, fmt, FORMATS, "st-to-ms")
     if dtype not in DTYPE_CHOICES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {dtype!r}")
     if (key_torch is None) != (key_ms is None):
         raise InputError("--key-torch and --key-ms go together")
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(src, key_torch, key_ms))
+    expect(sniff(src, partial_of), ("sd",), "st-to-ms", "an SD safetensors file")
     source = read_safetensors(src)
     entries = source.by_name()
     shapes = {n: e.shape for n, e in entries.items()}
@@ -311,8 +313,8 @@ def st_to_ms(
         )
 
 
-def _read_ms(src: Path) -> tuple[list[TensorEntry], dict[str, str], dict[str, Any]]:
-    if src.suffix == ".safetensors":
+def _read_ms(src: Path, kind: str) -> tuple[list[TensorEntry], dict[str, str], dict[str, Any]]:
+    if kind != "ckpt":
         source = read_safetensors(src)
         return source.entries, source.metadata, {}
     ckpt = scan_ckpt(src)
@@ -349,8 +351,15 @@ def ms_to_st(
     """MindSpore ckpt (or MindSpore-named safetensors) -> SD safetensors, record by record; returns the report."""
     started = time.monotonic()
     src, out = Path(src), Path(out)
-    check_output(out, overwrite)
-    entries, metadata, extra = _read_ms(src)
+    output_format(out, None, ("safetensors",), "ms-to-st")
+    check_output(out, overwrite, inputs=(src,))
+    found = expect(
+        sniff(src, partial_of),
+        ("ckpt", "ms-safetensors"),
+        "ms-to-st",
+        "a MindSpore ckpt or MindSpore-named safetensors",
+    )
+    entries, metadata, extra = _read_ms(src, found.kind)
     ms_shapes = {e.name: e.shape for e in entries}
     keymap, detection = _choose_keymap(keys, ms_shapes, metadata, src)
     by_ms = keymap.by_ms
