@@ -183,19 +183,20 @@ def st_to_ms_cmd(
 ) -> int:
     """SD safetensors -> MindSpore ckpt with mindone's names: checked first, streamed, bytes preserved."""
     from sdxl_ckpt.convert.sd_ms import render_report, st_to_ms
-    from sdxl_ckpt.report import write_json
+    from sdxl_ckpt.report import error_report, write_json
 
-    report = st_to_ms(
-        src,
-        output,
-        keys=keys,
-        dtype=dtype,
-        fmt=fmt,
-        overwrite=overwrite,
-        quiet=quiet,
-        key_torch=key_torch,
-        key_ms=key_ms,
-    )
+    with error_report("st-to-ms", json_out):
+        report = st_to_ms(
+            src,
+            output,
+            keys=keys,
+            dtype=dtype,
+            fmt=fmt,
+            overwrite=overwrite,
+            quiet=quiet,
+            key_torch=key_torch,
+            key_ms=key_ms,
+        )
     if json_out != "-":
         print(render_report(report))
     write_json(report, json_out)
@@ -213,9 +214,10 @@ def ms_to_st_cmd(
 ) -> int:
     """MindSpore ckpt -> SD safetensors, record by record; position_ids and SD metadata restored."""
     from sdxl_ckpt.convert.sd_ms import ms_to_st, render_report
-    from sdxl_ckpt.report import write_json
+    from sdxl_ckpt.report import error_report, write_json
 
-    report = ms_to_st(src, output, keys=keys, overwrite=overwrite, quiet=quiet)
+    with error_report("ms-to-st", json_out):
+        report = ms_to_st(src, output, keys=keys, overwrite=overwrite, quiet=quiet)
     if json_out != "-":
         print(render_report(report))
     write_json(report, json_out)
@@ -395,7 +397,8 @@ def inspect_cmd(
         print(render_inspect(report))
     warn_report(report)
     write_json(report, json_out)
-    return 0
+    # a stored modelspec.hash_sha256 that the content does not match is a difference found by a check
+    return 1 if any(row.get("stored_hash_matches") is False for row in report.get("hashes", [])) else 0
 
 
 @app.command("diff")

@@ -18,6 +18,7 @@ class SdxlCkptError(Exception):
     """A problem the user can fix; ``str(err)`` is the single line shown to them."""
 
     exit_code = 2
+    problems: list[dict[str, object]] | None = None  # every problem, when the message shows only the first few
 
     def __init__(self, message: str, *, path: object | None = None, key: str | None = None) -> None:
         parts = []

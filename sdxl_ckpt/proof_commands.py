@@ -25,12 +25,29 @@ def _check_source(src: str, command: str, settings: dict[str, Any]) -> None:
             expect(sniff(settings[option]), ("folder",), f"{command} --{option.removesuffix('_dir')}", "a folder")
 
 
+def _check_same_model(ckpt: str, ref: Any) -> None:
+    """A base ckpt against a refiner reference (or the reverse) is one short line, not thousands of key names."""
+    from sdxl_ckpt.manage.sources import open_checkpoint
+
+    structure = {"base": "base", "lcm": "base", "refiner": "refiner"}
+    ours = open_checkpoint(ckpt).variant
+    theirs = str(ref.meta.get("variant"))
+    if structure.get(ours, ours) != structure.get(theirs, theirs) and ours in structure and theirs in structure:
+        raise InputError(
+            f"this is a {ours} checkpoint, but the reference was made from a {theirs} model; "
+            f"verify it against a reference of its own source",
+            path=ckpt,
+        )
+
+
 def reference_command(
     src: str, output: str, *, json_out: str | None = None, quiet: bool = False, overwrite: bool = False, **settings: Any
 ) -> int:
     """Run the PyTorch reference and write REF.npz; prints what was stored."""
     from sdxl_ckpt.reference.reference import run_reference, summary_rows
+    from sdxl_ckpt.verify.verify import resolve_sampler
 
+    settings["sampler"] = resolve_sampler(settings.get("sampler")) or "euler"
     check_output(output, overwrite, inputs=(src, settings.get("unet"), settings.get("config_dir")))
     _check_source(src, "reference", settings)
     path, ref = run_reference(src, output, overwrite=overwrite, quiet=quiet, **settings)
@@ -68,9 +85,11 @@ def verify_command(
     """verify CKPT against REF.npz (or a reference computed now from --source); exit 0 pass / 1 fail."""
     from sdxl_ckpt.formats.reference_npz import load_reference
     from sdxl_ckpt.verify.compare import parse_overrides
-    from sdxl_ckpt.verify.verify import render, verify_checkpoint
+    from sdxl_ckpt.verify.verify import check_override_names, render, resolve_sampler, verify_checkpoint
 
     overrides = parse_overrides(rtol_override)
+    check_override_names(overrides)
+    sampler = resolve_sampler(sampler)
     if (reference is None) == (source is None):
         raise InputError("give exactly one of --reference REF.npz and --source SRC")
     expect(sniff(ckpt, partial_of), MS_KINDS, "verify", MS_WANTS)
@@ -92,6 +111,7 @@ def verify_command(
         ref.meta.setdefault("path", save_reference or f"(computed from {source})")
     else:
         ref = load_reference(reference)
+    _check_same_model(ckpt, ref)
     report = verify_checkpoint(
         ckpt, ref, sampler=sampler, device=device, dtype=dtype, overrides=overrides, quiet=quiet, fail_fast=fail_fast
     )

@@ -38,7 +38,8 @@ from sdxl_ckpt.sdxl.detect import Detection, detect_variant
 
 FORMATS = ("ckpt", "safetensors")
 KEY_CHOICES = ("auto", *VARIANTS)
-MAX_LISTED_PROBLEMS = 40
+MAX_LISTED_PROBLEMS = 40  # unexpected keys that get a close-match hint
+SHOWN_PROBLEMS = 10  # problems printed; ``--json`` has them all
 ARCHITECTURE = {
     "base": "stable-diffusion-xl-v1-base",
     "lcm": "stable-diffusion-xl-v1-base",
@@ -136,9 +137,9 @@ def raise_problems(problems: list[tuple[str | None, str]], path: object) -> None
     if not problems:
         return
     lines = [f"  key {key!r}: {message}" if key else f"  {message}" for key, message in problems]
-    shown = lines[:MAX_LISTED_PROBLEMS]
+    shown = lines[:SHOWN_PROBLEMS]
     if len(lines) > len(shown):
-        shown.append(f"  ... and {len(lines) - len(shown)} more")
+        shown.append(f"  ... and {len(lines) - len(shown)} more (--json FILE lists them all)")
     first_key, first_message = problems[0]
     kinds = Counter(
         m.split()[0] if m.split()[0] in ("unexpected", "missing", "shape", "dtype") else "other" for _k, m in problems
@@ -149,7 +150,9 @@ def raise_problems(problems: list[tuple[str | None, str]], path: object) -> None
         if len(problems) == 1
         else f"{len(problems)} problems ({summary}), nothing written:\n" + "\n".join(shown)
     )
-    raise KeyMismatchError(head, path=path, key=first_key if len(problems) == 1 else None)
+    error = KeyMismatchError(head, path=path, key=first_key if len(problems) == 1 else None)
+    error.problems = [{"key": key, "problem": message} for key, message in problems]
+    raise error
 
 
 def _choose_keymap(
@@ -285,7 +288,9 @@ def st_to_ms(
                 dropped[spec.sd] = spec.why
                 continue
             dst = target_dtype(entry.dtype, requested)
-            cast = None if dst == entry.dtype else (lambda a, s=entry.dtype, d=dst: cast_array(a, s, d))
+            cast = None
+            if dst != entry.dtype:
+                cast = lambda a, s=entry.dtype, d=dst, k=spec.ms: cast_array(a, s, d, key=k)  # noqa: E731
             planned.append(hasher.wrap(entry, spec.ms, dst, cast))
             renamed += spec.ms != spec.sd
         absent = [k for k in keymap.optional_sd if k not in entries]
@@ -307,10 +312,20 @@ def st_to_ms(
             absent,
             hasher,
             renamed=renamed,
+            stored_hash=stored_hash_note(source.metadata, src),
             format=fmt,
             dtype=dtype,
             seconds=round(time.monotonic() - started, 3),
         )
+
+
+def stored_hash_note(metadata: Mapping[str, str], src: Path) -> str | None:
+    """What became of the source's ``modelspec.hash_sha256``: a conversion reads the tensors in keymap order, not
+    the file's byte order the hash covers, so it is not checked here; the note says so and how to check it."""
+    stored = metadata.get("modelspec.hash_sha256")
+    if not stored:
+        return None
+    return f"the source's modelspec.hash_sha256 ({stored[:18]}...) was not checked; `sdxl-ckpt inspect --hash {src}`"
 
 
 def _read_ms(src: Path, kind: str) -> tuple[list[TensorEntry], dict[str, str], dict[str, Any]]:
@@ -407,6 +422,7 @@ def ms_to_st(
             absent,
             hasher,
             renamed=renamed,
+            stored_hash=stored_hash_note(metadata, src),
             **extra,
             seconds=round(time.monotonic() - started, 3),
         )
@@ -420,8 +436,9 @@ def render_report(report: Mapping[str, Any]) -> str:
         f"{report['command']}: {report['source']} -> {report['output']}",
         f"variant {report['variant']} ({report['variant_reason']}); check: {report['check']}",
     ]
-    if report.get("note"):
-        lines.append(f"note: {report['note']}")
+    for key in ("note", "stored_hash"):
+        if report.get(key):
+            lines.append(f"note: {report[key]}")
     lines.append(
         f"tensors written {report['keys_written']} (renamed {report['renamed']}), "
         f"{human_bytes(report['tensor_bytes'])} in {report['seconds']:.2f} s; "

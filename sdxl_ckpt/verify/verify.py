@@ -11,10 +11,12 @@ The stage table (``STAGES``) is data: name, which reference array, how the MindS
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +225,57 @@ class Stage:
     ref: Callable[[Session], np.ndarray]
     ours: Callable[[Session], np.ndarray]
     image: bool = False
+
+
+# every stage name ``stages_for`` can produce besides ``step i/n`` (kept in step by a test), for --rtol-override
+STAGE_NAMES = (
+    "schedule",
+    "text_encoder_1",
+    "text_encoder_2.hidden",
+    "text_encoder_2.pooled",
+    "context",
+    "y",
+    "guidance_embedding",
+    "vae_encode",
+    "unet.first",
+    "vae.decode",
+    "final_latent",
+    "decoded",
+    "image",
+)
+
+
+def resolve_sampler(name: str | None) -> str | None:
+    """``--sampler`` as a known sampler name; case-insensitive (``Euler`` -> ``euler``). Unknown: one InputError.
+
+    Every sampler here has both a diffusers reference and our implementation, so no other name is ever advised.
+    """
+    if name is None:
+        return None
+    wanted = name.strip().lower().replace("-", "_")
+    matches = [s for s in VERIFY_SAMPLERS if s == wanted]
+    if len(matches) == 1:
+        return matches[0]
+    raise InputError(
+        f"unknown sampler {name!r}: choose {', '.join(VERIFY_SAMPLERS)} (each has a diffusers reference and is "
+        f"implemented here; ancestral samplers such as euler_a are not)"
+    )
+
+
+def check_override_names(overrides: Mapping[str, float]) -> None:
+    """An ``--rtol-override`` must name a stage, a stage group (``step``, ``unet``...) or ``image_levels``."""
+    from sdxl_ckpt.verify.compare import IMAGE_LEVELS_KEY, group_of
+
+    known = {*STAGE_NAMES, *(group_of(n) for n in STAGE_NAMES), "step", IMAGE_LEVELS_KEY}
+    for name in overrides:
+        if name in known or re.fullmatch(r"step \d+/\d+", name):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise InputError(
+            f"--rtol-override: no stage {name!r}{hint} (stages: {', '.join(STAGE_NAMES)}, 'step i/n'; "
+            f"groups: step, text_encoder_2, unet, vae; image_levels)"
+        )
 
 
 def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
