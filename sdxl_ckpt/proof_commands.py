@@ -19,7 +19,14 @@ MS_WANTS = "a MindSpore ckpt or MindSpore-named safetensors"
 
 def _check_source(src: str, command: str, settings: dict[str, Any]) -> None:
     """The reference's inputs: what each is (one line when wrong), before torch is loaded."""
-    expect(sniff(src, partial_of), SOURCE_KINDS, command, SOURCE_WANTS)
+    found = expect(sniff(src, partial_of), SOURCE_KINDS, command, SOURCE_WANTS)
+    if found.kind == "sd" and found.path.suffix != ".safetensors":
+        # diffusers' single-file loader picks the format by extension and would unpickle anything else
+        raise InputError(
+            f"an SD safetensors file named {found.path.suffix or 'without an extension'}: "
+            f"{command} needs the .safetensors name (rename or link it)",
+            path=src,
+        )
     for option in ("unet", "config_dir"):
         if settings.get(option) is not None:
             expect(sniff(settings[option]), ("folder",), f"{command} --{option.removesuffix('_dir')}", "a folder")

@@ -345,7 +345,7 @@ def npz_bytes(members: dict[str, bytes], compress: bool = False) -> bytes:
 
 
 def npy_header(shape: object, descr: object = "<f4", version: int = 1) -> bytes:
-    text = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode("latin1")
+    text = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode("utf-8")
     size = 2 if version == 1 else 4
     pad = -(10 + size - 2 + len(text) + 1) % 64
     body = text + b" " * pad + b"\n"
