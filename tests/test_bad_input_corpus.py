@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from sdxl_ckpt.cli import main
 
+pytestmark = pytest.mark.slow  # ~280 command runs
 UNET = "model.diffusion_model."
 
 

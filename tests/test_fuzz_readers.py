@@ -43,6 +43,7 @@ from sdxl_ckpt.manage.hashing import hash_entries, hash_safetensors
 from sdxl_ckpt.manage.inspect import inspect_checkpoint
 from sdxl_ckpt.sdxl.components import partial_of
 
+pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
 EXAMPLES = int(os.environ.get("SDXL_CKPT_FUZZ_EXAMPLES", "1300"))  # per strategy; 8 strategies
 MAX_RSS_GROWTH = 512 * 1024 * 1024  # a run of small inputs; a header obeyed instead of checked would blow past it
 HANG_SECONDS = 10.0

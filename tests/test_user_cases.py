@@ -25,6 +25,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from test_hardening import SLOW_READS, assert_one_error
 
+pytestmark = pytest.mark.slow  # ~40 subprocess runs of the CLI
 UNET = "model.diffusion_model."
 OVERFLOW_KEY = f"{UNET}out.2.bias"
 
