@@ -6,6 +6,7 @@ Exit codes are listed in ``sdxl_ckpt.errors``.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -60,8 +61,20 @@ def _model_kind(model: str | None, old_variant: str | None, default: str | None 
     return model
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from sdxl_ckpt import __version__
+
+        print(f"sdxl-ckpt {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Convert SDXL weights between diffusers, SD single-file and MindSpore ckpt, and verify them."""
     # an explicit callback keeps `sdxl-ckpt COMMAND` a group even while only one command exists
 
@@ -159,7 +172,9 @@ def st_to_ms_cmd(
     output: str = typer.Option(..., "--output", "-o", help="MindSpore .ckpt (or .safetensors) to write."),
     keys: str = KEYS,
     dtype: str = typer.Option("keep", "--dtype", help="keep | fp16 | fp32 | bf16: cast floating tensors only."),
-    fmt: str = typer.Option("ckpt", "--format", help="ckpt | safetensors (MindSpore names in safetensors)."),
+    fmt: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--format", help="ckpt | safetensors; default: from the output's extension (.ckpt / .safetensors)."
+    ),
     key_torch: Optional[str] = typer.Option(None, "--key-torch", help="mindone torch key list (checked)."),  # noqa: UP045
     key_ms: Optional[str] = typer.Option(None, "--key-ms", help="mindone MindSpore key list (checked)."),  # noqa: UP045
     overwrite: bool = OVERWRITE,
@@ -168,19 +183,20 @@ def st_to_ms_cmd(
 ) -> int:
     """SD safetensors -> MindSpore ckpt with mindone's names: checked first, streamed, bytes preserved."""
     from sdxl_ckpt.convert.sd_ms import render_report, st_to_ms
-    from sdxl_ckpt.report import write_json
+    from sdxl_ckpt.report import error_report, write_json
 
-    report = st_to_ms(
-        src,
-        output,
-        keys=keys,
-        dtype=dtype,
-        fmt=fmt,
-        overwrite=overwrite,
-        quiet=quiet,
-        key_torch=key_torch,
-        key_ms=key_ms,
-    )
+    with error_report("st-to-ms", json_out):
+        report = st_to_ms(
+            src,
+            output,
+            keys=keys,
+            dtype=dtype,
+            fmt=fmt,
+            overwrite=overwrite,
+            quiet=quiet,
+            key_torch=key_torch,
+            key_ms=key_ms,
+        )
     if json_out != "-":
         print(render_report(report))
     write_json(report, json_out)
@@ -198,9 +214,10 @@ def ms_to_st_cmd(
 ) -> int:
     """MindSpore ckpt -> SD safetensors, record by record; position_ids and SD metadata restored."""
     from sdxl_ckpt.convert.sd_ms import ms_to_st, render_report
-    from sdxl_ckpt.report import write_json
+    from sdxl_ckpt.report import error_report, write_json
 
-    report = ms_to_st(src, output, keys=keys, overwrite=overwrite, quiet=quiet)
+    with error_report("ms-to-st", json_out):
+        report = ms_to_st(src, output, keys=keys, overwrite=overwrite, quiet=quiet)
     if json_out != "-":
         print(render_report(report))
     write_json(report, json_out)
@@ -380,7 +397,8 @@ def inspect_cmd(
         print(render_inspect(report))
     warn_report(report)
     write_json(report, json_out)
-    return 0
+    # a stored modelspec.hash_sha256 that the content does not match is a difference found by a check
+    return 1 if any(row.get("stored_hash_matches") is False for row in report.get("hashes", [])) else 0
 
 
 @app.command("diff")
@@ -405,11 +423,53 @@ def diff_cmd(
 
 
 class _Interrupted(BaseException):
-    """SIGINT, raised past Typer: Typer turns a KeyboardInterrupt into a silent exit 130, and the user must be told."""
+    """A stop signal, raised past Typer: Typer turns a KeyboardInterrupt into a silent exit 130, and the user must
+    be told. SIGTERM (timeout, schedulers) and SIGHUP (a dropped ssh) unwind the same way as Ctrl-C, so every
+    temporary output is removed; the exit code is 128 + the signal number."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
-    raise _Interrupted()
+    raise _Interrupted(signum)
+
+
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _install_stop_handlers() -> dict[int, object]:
+    """Our handler for each stop signal still at its default (an ignored one, as under nohup, stays ignored)."""
+    previous: dict[int, object] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for signum in _STOP_SIGNALS:
+        current = signal.getsignal(signum)
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        if current is default:
+            previous[signum] = signal.signal(signum, _raise_interrupted)
+    return previous
+
+
+def _flags_without_type(command: object) -> None:
+    """Typer's help shows every option's type, so a flag reads ``--overwrite <bool>`` as if it took a value;
+    an empty metavar makes flags render as flags (``--overwrite``)."""
+    for param in getattr(command, "params", ()):
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    help_option = getattr(command, "get_help_option", None)
+    if help_option is not None:
+
+        def flag_help(ctx: object, _make: object = help_option) -> object:
+            option = _make(ctx)
+            if option is not None:
+                option.metavar = ""
+            return option
+
+        command.get_help_option = flag_help
+    for sub in getattr(command, "commands", {}).values():
+        _flags_without_type(sub)
 
 
 def main(argv: Optional[list[str]] = None) -> int:  # noqa: UP045 - Typer-friendly annotation
@@ -417,29 +477,38 @@ def main(argv: Optional[list[str]] = None) -> int:  # noqa: UP045 - Typer-friend
     if hasattr(signal, "SIGXFSZ"):
         # a file-size limit must surface as an OSError (EFBIG) we can report, not kill the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    previous_sigint = None
-    if (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    ):  # an ignored SIGINT (nohup, &) stays so
-        previous_sigint = signal.signal(signal.SIGINT, _raise_interrupted)
+    previous = _install_stop_handlers()
     command = typer.main.get_command(app)
+    _flags_without_type(command)
     try:
         result = command.main(args=argv, prog_name="sdxl-ckpt", standalone_mode=False)
     except SdxlCkptError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except (_Interrupted, KeyboardInterrupt, *_ABORT):
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except (_Interrupted, KeyboardInterrupt, *_ABORT) as err:
+        signum = err.signum if isinstance(err, _Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        detail = "" if signum == signal.SIGINT else f" ({name})"
+        print(f"error: interrupted{detail}; no output was written", file=sys.stderr)
+        return 128 + signum
     except _CLICK_ERROR as err:
         err.show(file=sys.stderr)
         return err.exit_code
     except _EXIT as err:
         return err.exit_code
+    except Exception as err:  # noqa: BLE001 - a fault we did not foresee still gets one line, never a traceback
+        if os.environ.get("SDXL_CKPT_DEBUG"):
+            raise
+        where = f" in {err.filename}" if isinstance(err, OSError) and err.filename else ""
+        text = " ".join(str(err).split())[:300]
+        print(
+            f"error: unexpected {type(err).__name__}{where}: {text} (SDXL_CKPT_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 2
     finally:
-        if previous_sigint is not None:
-            signal.signal(signal.SIGINT, previous_sigint)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return result if isinstance(result, int) else 0
 
 

@@ -42,9 +42,16 @@ def run_demo(variant: str = "base", workdir: str | os.PathLike | None = None, qu
         raise InputError(f"--model must be one of {', '.join(DEMO_SETTINGS)}, not {variant!r}")
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="sdxl-ckpt-demo-") as tmp:
-            return _run(variant, Path(tmp), quiet)
+            print(f"sdxl-ckpt demo: working in the temporary folder {tmp} (deleted at the end; --workdir DIR keeps it)")
+            code = _run(variant, Path(tmp), quiet)
+        print(f"deleted {tmp} (run with --workdir DIR to keep the files)")
+        return code
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return _run(variant, Path(workdir), quiet)
+    print(f"sdxl-ckpt demo: working in {workdir} (kept)")
+    code = _run(variant, Path(workdir), quiet)
+    files = sorted(p.name for p in Path(workdir).iterdir() if p.name.startswith(("tiny-", "sdxl-", "ref-")))
+    print(f"files kept in {workdir}: {', '.join(files)}")
+    return code
 
 
 def _run(variant: str, wd: Path, quiet: bool) -> int:
@@ -52,14 +59,14 @@ def _run(variant: str, wd: Path, quiet: bool) -> int:
     from sdxl_ckpt.convert.sd_ms import st_to_ms
     from sdxl_ckpt.formats.reference_npz import load_reference
     from sdxl_ckpt.reference.reference import run_reference
-    from sdxl_ckpt.testmodels.tiny import build_tiny_model, prepare_output_dir
+    from sdxl_ckpt.testmodels.tiny import build_model_cli
     from sdxl_ckpt.verify.verify import render, verify_checkpoint
 
     total = time.perf_counter()
-    print(f"sdxl-ckpt demo: tiny SDXL {variant}, working in {wd}")
+    print(f"tiny SDXL {variant}: five steps")
     folder = wd / f"tiny-{variant}"
     done = _step(1, f"tiny-model --model {variant} -o {folder}")
-    build_tiny_model(variant, prepare_output_dir(folder, overwrite=True), seed=0)
+    build_model_cli(variant, folder, seed=0, overwrite=True)
     unet_dir = folder / "lcm-unet" if variant == "lcm" else None
     done("diffusers folder with random SDXL-shaped weights" + (" + lcm-unet/" if unet_dir else ""))
 

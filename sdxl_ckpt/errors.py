@@ -5,7 +5,7 @@ Exit codes (documented in README):
   1  a check ran and found a difference (``verify``, ``diff``)
   2  bad input: missing or malformed file, unknown or missing keys, wrong shapes, existing output
   3  cannot write the output: full disk, read-only directory, file-size limit
-  130 interrupted (SIGINT)
+  130 / 143 / 129 interrupted (SIGINT / SIGTERM / SIGHUP)
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ class SdxlCkptError(Exception):
     """A problem the user can fix; ``str(err)`` is the single line shown to them."""
 
     exit_code = 2
+    problems: list[dict[str, object]] | None = None  # every problem, when the message shows only the first few
 
     def __init__(self, message: str, *, path: object | None = None, key: str | None = None) -> None:
         parts = []
@@ -45,6 +46,10 @@ class KeyMismatchError(InputError):
 
 class OutputExistsError(InputError):
     """The output exists and ``--overwrite`` was not given; the existing file is left untouched."""
+
+
+class OutputIsInputError(InputError):
+    """The output is one of the command's inputs or lies inside an input folder; ``--overwrite`` never lifts it."""
 
 
 def require_file(path: str | os.PathLike) -> Path:

@@ -2,12 +2,49 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.formats.atomic import check_output
+from sdxl_ckpt.formats.sniff import expect, sniff
 from sdxl_ckpt.report import render_table, write_json
+from sdxl_ckpt.sdxl.components import partial_of
+
+SOURCE_KINDS = ("folder", "sd")
+SOURCE_WANTS = "a diffusers folder or an SD safetensors file"
+MS_KINDS = ("ckpt", "ms-safetensors")
+MS_WANTS = "a MindSpore ckpt or MindSpore-named safetensors"
+
+
+def _check_source(src: str, command: str, settings: dict[str, Any]) -> None:
+    """The reference's inputs: what each is (one line when wrong), before torch is loaded."""
+    found = expect(sniff(src, partial_of), SOURCE_KINDS, command, SOURCE_WANTS)
+    if found.kind == "sd" and found.path.suffix != ".safetensors":
+        # diffusers' single-file loader picks the format by extension and would unpickle anything else
+        raise InputError(
+            f"an SD safetensors file named {found.path.suffix or 'without an extension'}: "
+            f"{command} needs the .safetensors name (rename or link it)",
+            path=src,
+        )
+    for option in ("unet", "config_dir"):
+        if settings.get(option) is not None:
+            expect(sniff(settings[option]), ("folder",), f"{command} --{option.removesuffix('_dir')}", "a folder")
+
+
+def _check_same_model(ckpt: str, ref: Any) -> None:
+    """A base ckpt against a refiner reference (or the reverse) is one short line, not thousands of key names."""
+    from sdxl_ckpt.manage.sources import open_checkpoint
+
+    structure = {"base": "base", "lcm": "base", "refiner": "refiner"}
+    ours = open_checkpoint(ckpt).variant
+    theirs = str(ref.meta.get("variant"))
+    if structure.get(ours, ours) != structure.get(theirs, theirs) and ours in structure and theirs in structure:
+        raise InputError(
+            f"this is a {ours} checkpoint, but the reference was made from a {theirs} model; "
+            f"verify it against a reference of its own source",
+            path=ckpt,
+        )
 
 
 def reference_command(
@@ -15,7 +52,11 @@ def reference_command(
 ) -> int:
     """Run the PyTorch reference and write REF.npz; prints what was stored."""
     from sdxl_ckpt.reference.reference import run_reference, summary_rows
+    from sdxl_ckpt.verify.verify import resolve_sampler
 
+    settings["sampler"] = resolve_sampler(settings.get("sampler")) or "euler"
+    check_output(output, overwrite, inputs=(src, settings.get("unet"), settings.get("config_dir")))
+    _check_source(src, "reference", settings)
     path, ref = run_reference(src, output, overwrite=overwrite, **settings)
     s = ref.settings
     if json_out == "-":
@@ -51,13 +92,20 @@ def verify_command(
     """verify CKPT against REF.npz (or a reference computed now from --source); exit 0 pass / 1 fail."""
     from sdxl_ckpt.formats.reference_npz import load_reference
     from sdxl_ckpt.verify.compare import parse_overrides
-    from sdxl_ckpt.verify.verify import render, verify_checkpoint
+    from sdxl_ckpt.verify.verify import check_override_names, render, resolve_sampler, verify_checkpoint
 
     overrides = parse_overrides(rtol_override)
+    check_override_names(overrides)
+    sampler = resolve_sampler(sampler)
     if (reference is None) == (source is None):
         raise InputError("give exactly one of --reference REF.npz and --source SRC")
-    if not os.path.isfile(ckpt):
-        raise InputError("checkpoint not found", path=ckpt)
+    expect(sniff(ckpt, partial_of), MS_KINDS, "verify", MS_WANTS)
+    if reference is not None:
+        expect(sniff(reference), ("npz",), "verify --reference", "a REF.npz written by `reference`")
+    if source is not None:
+        _check_source(source, "verify --source", settings)
+    if save_reference is not None:
+        check_output(save_reference, True, inputs=(ckpt, source, settings.get("unet"), settings.get("config_dir")))
     if source is not None:
         from sdxl_ckpt.reference.reference import make_reference, run_reference
 
@@ -68,6 +116,7 @@ def verify_command(
         ref.meta.setdefault("path", save_reference or f"(computed from {source})")
     else:
         ref = load_reference(reference)
+    _check_same_model(ckpt, ref)
     report = verify_checkpoint(
         ckpt, ref, sampler=sampler, device=device, dtype=dtype, overrides=overrides, quiet=quiet, fail_fast=fail_fast
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,19 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
         return value.item()
     return value
+
+
+@contextmanager
+def error_report(command: str, json_out: str | os.PathLike | None) -> Iterator[None]:
+    """On an error listing problems, write all of them to ``--json FILE`` (the message shows the first few)."""
+    from sdxl_ckpt.errors import SdxlCkptError
+
+    try:
+        yield
+    except SdxlCkptError as err:
+        if err.problems and json_out is not None and str(json_out) != "-":
+            write_json({"command": command, "error": str(err), "problems": err.problems}, json_out)
+        raise
 
 
 def write_json(report: Mapping[str, Any], path: str | os.PathLike | None) -> None:

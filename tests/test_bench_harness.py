@@ -111,6 +111,7 @@ def tiny_run(tmp_path_factory):
     return md.read_text(), json.loads(js.read_text()), base
 
 
+@pytest.mark.slow  # runs the bench at tiny scale (~4 min on 2 busy cores)
 def test_results_table_is_well_formed(tiny_run):
     text, _results, _base = tiny_run
     lines = text.splitlines()
@@ -129,6 +130,7 @@ def test_results_table_is_well_formed(tiny_run):
     assert all("| tiny |" in row for row in rows)
 
 
+@pytest.mark.slow  # runs the bench at tiny scale (~4 min on 2 busy cores)
 def test_results_json_matches_cases(tiny_run):
     _text, results, _base = tiny_run
     assert {"machine", "config", "scales", "targets"} <= set(results)
@@ -150,6 +152,7 @@ def test_results_json_matches_cases(tiny_run):
     assert all(t["met"] is None for t in results["targets"])  # never judged at tiny scale
 
 
+@pytest.mark.slow  # runs the bench at tiny scale (~4 min on 2 busy cores)
 def test_inputs_are_reused(tiny_run):
     _text, _results, base = tiny_run
     manifest = json.loads((base / "work" / "tiny" / "inputs.json").read_text())

@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 from sdxl_ckpt.convert.diffusers_to_sd import convert_diffusers_to_sd  # noqa: E402
 from sdxl_ckpt.convert.sd_ms import st_to_ms  # noqa: E402

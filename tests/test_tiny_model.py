@@ -23,7 +23,7 @@ from sdxl_ckpt.sdxl.tokenizers import byte_level_vocab  # noqa: E402
 from sdxl_ckpt.testmodels.full import meta_model  # noqa: E402
 from sdxl_ckpt.testmodels.tiny import build_tiny_model, tiny_configs  # noqa: E402
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 
 def _file_keys(folder: Path) -> set[str]:

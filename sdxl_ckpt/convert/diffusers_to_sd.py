@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdxl_ckpt.formats.atomic import check_output
+from sdxl_ckpt.formats.atomic import check_output, output_format
 from sdxl_ckpt.formats.safetensors_io import write_safetensors
+from sdxl_ckpt.formats.sniff import expect, sniff
 from sdxl_ckpt.keymaps.diffusers_plan import plan_sd_entries
 
 
@@ -30,7 +31,11 @@ def convert_diffusers_to_sd(
 ) -> dict[str, Any]:
     """Write the SD file for ``src_dir`` at ``out`` (atomic, streaming) and return the report."""
     start = time.perf_counter()
-    out = check_output(out, overwrite)
+    output_format(out, None, ("safetensors",), "diffusers-to-sd")
+    out = check_output(out, overwrite, inputs=(src_dir, unet_dir, vae_dir))
+    for folder in (src_dir, unet_dir, vae_dir):
+        if folder is not None:
+            expect(sniff(folder), ("folder",), "diffusers-to-sd", "a diffusers folder")
     entries, metadata, report = plan_sd_entries(src_dir, unet_dir, vae_dir, variant, dtype, lcm)
     write_safetensors(out, entries, metadata, overwrite=overwrite, quiet=quiet, desc="diffusers-to-sd")
     report["output"] = str(out)

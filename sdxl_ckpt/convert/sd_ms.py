@@ -24,19 +24,22 @@ from typing import Any
 import numpy as np
 
 from sdxl_ckpt.errors import InputError, KeyMismatchError
-from sdxl_ckpt.formats.atomic import check_output
+from sdxl_ckpt.formats.atomic import check_output, output_format
 from sdxl_ckpt.formats.ckpt_io import scan_ckpt, verify_crc, write_ckpt
 from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, cast_array, target_dtype
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.fastio import Background
 from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
+from sdxl_ckpt.formats.sniff import expect, sniff
 from sdxl_ckpt.keymaps import VARIANTS, Keymap, KeySpec, load_keymap
 from sdxl_ckpt.keymaps.mindone import check_lists, read_list
+from sdxl_ckpt.sdxl.components import partial_of
 from sdxl_ckpt.sdxl.detect import Detection, detect_variant
 
 FORMATS = ("ckpt", "safetensors")
 KEY_CHOICES = ("auto", *VARIANTS)
-MAX_LISTED_PROBLEMS = 40
+MAX_LISTED_PROBLEMS = 40  # unexpected keys that get a close-match hint
+SHOWN_PROBLEMS = 10  # problems printed; ``--json`` has them all
 ARCHITECTURE = {
     "base": "stable-diffusion-xl-v1-base",
     "lcm": "stable-diffusion-xl-v1-base",
@@ -134,9 +137,9 @@ def raise_problems(problems: list[tuple[str | None, str]], path: object) -> None
     if not problems:
         return
     lines = [f"  key {key!r}: {message}" if key else f"  {message}" for key, message in problems]
-    shown = lines[:MAX_LISTED_PROBLEMS]
+    shown = lines[:SHOWN_PROBLEMS]
     if len(lines) > len(shown):
-        shown.append(f"  ... and {len(lines) - len(shown)} more")
+        shown.append(f"  ... and {len(lines) - len(shown)} more (--json FILE lists them all)")
     first_key, first_message = problems[0]
     kinds = Counter(
         m.split()[0] if m.split()[0] in ("unexpected", "missing", "shape", "dtype") else "other" for _k, m in problems
@@ -147,7 +150,9 @@ def raise_problems(problems: list[tuple[str | None, str]], path: object) -> None
         if len(problems) == 1
         else f"{len(problems)} problems ({summary}), nothing written:\n" + "\n".join(shown)
     )
-    raise KeyMismatchError(head, path=path, key=first_key if len(problems) == 1 else None)
+    error = KeyMismatchError(head, path=path, key=first_key if len(problems) == 1 else None)
+    error.problems = [{"key": key, "problem": message} for key, message in problems]
+    raise error
 
 
 def _choose_keymap(
@@ -247,22 +252,22 @@ def st_to_ms(
     *,
     keys: str = "auto",
     dtype: str = "keep",
-    fmt: str = "ckpt",
+    fmt: str | None = None,
     overwrite: bool = False,
     quiet: bool = True,
     key_torch: str | None = None,
     key_ms: str | None = None,
 ) -> dict[str, Any]:
-    """SD safetensors -> MindSpore names in a ``.ckpt`` (or safetensors); returns the report."""
+    """SD safetensors -> MindSpore names in a ``.ckpt`` (or safetensors, by the output's extension); the report."""
     started = time.monotonic()
     src, out = Path(src), Path(out)
-    if fmt not in FORMATS:
-        raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    fmt = output_format(out, fmt, FORMATS, "st-to-ms")
     if dtype not in DTYPE_CHOICES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {dtype!r}")
     if (key_torch is None) != (key_ms is None):
         raise InputError("--key-torch and --key-ms go together")
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(src, key_torch, key_ms))
+    expect(sniff(src, partial_of), ("sd",), "st-to-ms", "an SD safetensors file")
     source = read_safetensors(src)
     entries = source.by_name()
     shapes = {n: e.shape for n, e in entries.items()}
@@ -283,7 +288,9 @@ def st_to_ms(
                 dropped[spec.sd] = spec.why
                 continue
             dst = target_dtype(entry.dtype, requested)
-            cast = None if dst == entry.dtype else (lambda a, s=entry.dtype, d=dst: cast_array(a, s, d))
+            cast = None
+            if dst != entry.dtype:
+                cast = lambda a, s=entry.dtype, d=dst, k=spec.ms: cast_array(a, s, d, key=k)  # noqa: E731
             planned.append(hasher.wrap(entry, spec.ms, dst, cast))
             renamed += spec.ms != spec.sd
         absent = [k for k in keymap.optional_sd if k not in entries]
@@ -305,14 +312,24 @@ def st_to_ms(
             absent,
             hasher,
             renamed=renamed,
+            stored_hash=stored_hash_note(source.metadata, src),
             format=fmt,
             dtype=dtype,
             seconds=round(time.monotonic() - started, 3),
         )
 
 
-def _read_ms(src: Path) -> tuple[list[TensorEntry], dict[str, str], dict[str, Any]]:
-    if src.suffix == ".safetensors":
+def stored_hash_note(metadata: Mapping[str, str], src: Path) -> str | None:
+    """What became of the source's ``modelspec.hash_sha256``: a conversion reads the tensors in keymap order, not
+    the file's byte order the hash covers, so it is not checked here; the note says so and how to check it."""
+    stored = metadata.get("modelspec.hash_sha256")
+    if not stored:
+        return None
+    return f"the source's modelspec.hash_sha256 ({stored[:18]}...) was not checked; `sdxl-ckpt inspect --hash {src}`"
+
+
+def _read_ms(src: Path, kind: str) -> tuple[list[TensorEntry], dict[str, str], dict[str, Any]]:
+    if kind != "ckpt":
         source = read_safetensors(src)
         return source.entries, source.metadata, {}
     ckpt = scan_ckpt(src)
@@ -349,8 +366,15 @@ def ms_to_st(
     """MindSpore ckpt (or MindSpore-named safetensors) -> SD safetensors, record by record; returns the report."""
     started = time.monotonic()
     src, out = Path(src), Path(out)
-    check_output(out, overwrite)
-    entries, metadata, extra = _read_ms(src)
+    output_format(out, None, ("safetensors",), "ms-to-st")
+    check_output(out, overwrite, inputs=(src,))
+    found = expect(
+        sniff(src, partial_of),
+        ("ckpt", "ms-safetensors"),
+        "ms-to-st",
+        "a MindSpore ckpt or MindSpore-named safetensors",
+    )
+    entries, metadata, extra = _read_ms(src, found.kind)
     ms_shapes = {e.name: e.shape for e in entries}
     keymap, detection = _choose_keymap(keys, ms_shapes, metadata, src)
     by_ms = keymap.by_ms
@@ -398,6 +422,7 @@ def ms_to_st(
             absent,
             hasher,
             renamed=renamed,
+            stored_hash=stored_hash_note(metadata, src),
             **extra,
             seconds=round(time.monotonic() - started, 3),
         )
@@ -411,8 +436,9 @@ def render_report(report: Mapping[str, Any]) -> str:
         f"{report['command']}: {report['source']} -> {report['output']}",
         f"variant {report['variant']} ({report['variant_reason']}); check: {report['check']}",
     ]
-    if report.get("note"):
-        lines.append(f"note: {report['note']}")
+    for key in ("note", "stored_hash"):
+        if report.get(key):
+            lines.append(f"note: {report[key]}")
     lines.append(
         f"tensors written {report['keys_written']} (renamed {report['renamed']}), "
         f"{human_bytes(report['tensor_bytes'])} in {report['seconds']:.2f} s; "

@@ -1,26 +1,132 @@
 """Outputs appear complete or not at all: write beside the target, fsync, rename; remove the temp on any failure.
 
 An existing output is refused unless ``overwrite`` is set, and is never modified before the new file is complete.
+An output that IS one of the command's inputs (same real path, or same inode: a hard link or a bind mount), or
+lies inside an input folder, is refused whatever ``overwrite`` says: replacing a source while reading it loses
+the user's file. The temporary file is named ``.NAME.XXXX.partial``; a run killed before it could remove it
+(SIGKILL, power loss) leaves it behind, so the next run to the same output removes such leftovers with a note.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import re
+import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from sdxl_ckpt.errors import OutputExistsError, OutputWriteError
+from sdxl_ckpt.errors import InputError, OutputExistsError, OutputIsInputError, OutputWriteError
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EDQUOT, errno.EIO}
+PARTIAL_SUFFIX = ".partial"
+# mkstemp's random part: 8 characters of [a-z0-9_]
+_PARTIAL_RANDOM = re.compile(r"[a-z0-9_]{8}")
 
 
-def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early (before any work) when the output exists or its folder is missing / not writable."""
+def _input_files(inputs: Iterable[str | os.PathLike | None]) -> Iterator[tuple[Path, bool]]:
+    """Every existing input path (a folder itself, then each file below it) with ``True`` for folders."""
+    for item in inputs:
+        if item is None:
+            continue
+        path = Path(item)
+        if path.is_dir():
+            yield path, True
+            for root, _dirs, files in os.walk(path):
+                for name in files:
+                    yield Path(root) / name, False
+        elif path.exists():
+            yield path, False
+
+
+def check_not_an_input(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse ``out`` when it is, or would be created inside, one of ``inputs`` (files or folders)."""
+    real_out = Path(os.path.realpath(out))
+    try:
+        stat_out = out.stat()
+        out_id = (stat_out.st_dev, stat_out.st_ino)
+    except OSError:
+        out_id = None
+    for path, is_dir in _input_files(inputs):
+        real_in = Path(os.path.realpath(path))
+        if is_dir:
+            if real_out == real_in or real_in in real_out.parents:
+                raise OutputIsInputError(
+                    f"the output lies inside the input folder {path}; write it somewhere else", path=out
+                )
+            continue
+        try:
+            stat_in = path.stat()
+        except OSError:
+            continue
+        if real_out == real_in or out_id == (stat_in.st_dev, stat_in.st_ino):
+            raise OutputIsInputError(
+                f"the output is the input file {path}; write it somewhere else (--overwrite never replaces an input)",
+                path=out,
+            )
+
+
+def is_partial_of(candidate: str, name: str) -> bool:
+    """True when ``candidate`` is one of the temporary names ``atomic_output`` uses for an output called ``name``."""
+    prefix = f".{name}."
+    if not (candidate.startswith(prefix) and candidate.endswith(PARTIAL_SUFFIX)):
+        return False
+    middle = candidate[len(prefix) : -len(PARTIAL_SUFFIX)]
+    return bool(_PARTIAL_RANDOM.fullmatch(middle))
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove ``.NAME.XXXXXXXX.partial`` files of ``out`` left by killed runs, with a note; returns them."""
+    parent = out.parent if str(out.parent) else Path(".")
+    removed = []
+    try:
+        candidates = [p for p in parent.iterdir() if is_partial_of(p.name, out.name)]
+    except OSError:
+        return []
+    for path in candidates:
+        try:
+            if path.is_dir():
+                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                shutil.rmtree(path)
+            else:
+                if _in_use(path):  # a live run to the same output holds its lock: not a leftover
+                    continue
+                size = path.stat().st_size
+                path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+        print(f"note: removed {path} ({size} bytes), left by an interrupted earlier run", file=sys.stderr)
+    return removed
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a running ``atomic_output`` holds the lock on this temporary (the kernel drops it when it dies)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def check_output(path: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Fail early (before any work) when the output is an input, exists, or its folder is missing / not writable.
+
+    Leftover temporaries of earlier killed runs to the same output are removed here (with a note).
+    """
     out = Path(path)
+    check_not_an_input(out, inputs)
     if out.exists() and not overwrite:
         raise OutputExistsError("output exists; pass --overwrite to replace it", path=out)
     if out.is_dir():
@@ -30,14 +136,41 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
         raise OutputWriteError("output folder does not exist", path=parent)
     if not os.access(parent, os.W_OK):
         raise OutputWriteError("output folder is not writable", path=parent)
+    remove_leftovers(out)
     return out
 
 
-def _default_mode(path: Path) -> None:
-    """mkstemp creates 0600 files; give the output the mode a plain open() would (0666 minus the umask)."""
+OUTPUT_SUFFIXES = {".ckpt": "ckpt", ".safetensors": "safetensors"}
+
+
+def output_format(path: str | os.PathLike, requested: str | None, allowed: tuple[str, ...], command: str) -> str:
+    """The format to write: the output's extension decides; ``--format`` may only agree with it.
+
+    A ``.safetensors`` name holding ckpt bytes (or the reverse) is refused by every reader afterwards, so the
+    mislabel is an error here, before any work. Another extension takes ``--format`` or the first allowed format.
+    """
+    suffix = OUTPUT_SUFFIXES.get(Path(path).suffix.lower())
+    if requested is not None and requested not in allowed:
+        raise InputError(f"--format must be one of {', '.join(allowed)}, not {requested!r}")
+    if requested is not None and suffix is not None and requested != suffix:
+        raise InputError(
+            f"--format {requested} contradicts the output name (a {Path(path).suffix} file); "
+            f"name the output .{requested} or drop --format",
+            path=path,
+        )
+    chosen = suffix or requested or allowed[0]
+    if chosen not in allowed:
+        raise InputError(
+            f"{command} writes {' or '.join(allowed)}, not {chosen}; name the output .{allowed[0]}", path=path
+        )
+    return chosen
+
+
+def _default_mode(path: Path, mode: int = 0o666) -> None:
+    """mkstemp / mkdtemp create 0600 / 0700; give the output the mode a plain open() / mkdir() would (minus umask)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, mode & ~umask)
 
 
 @contextmanager
@@ -45,12 +178,13 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     """Yield a binary file; on normal exit it is fsynced and renamed to ``path``, else removed."""
     out = check_output(path, overwrite)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent or ".")
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=PARTIAL_SUFFIX, dir=out.parent or ".")
     except OSError as exc:
         raise OutputWriteError(f"cannot create a file here: {exc.strerror}", path=out.parent) from None
     tmp = Path(tmp_name)
     try:
         _default_mode(tmp)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # marks the temporary as in use (see remove_leftovers)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
@@ -65,4 +199,38 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_output_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``path``; on normal exit it is renamed to ``path``, else removed.
+
+    ``replace``: an existing ``path`` is removed just before the rename (the caller has decided it may go).
+    An interrupted build therefore never leaves a half-written folder under the requested name.
+    """
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputWriteError("output folder does not exist", path=parent)
+    remove_leftovers(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=PARTIAL_SUFFIX, dir=parent))
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create a folder here: {exc.strerror}", path=parent) from None
+    try:
+        _default_mode(tmp, 0o777)
+        yield tmp
+        if out.is_dir() and (replace or not any(out.iterdir())):
+            shutil.rmtree(out)
+        elif out.exists():
+            raise OutputExistsError("output appeared while writing; not replaced", path=out)
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in _WRITE_ERRNOS:
+            raise OutputWriteError(f"write failed: {exc.strerror}", path=out) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

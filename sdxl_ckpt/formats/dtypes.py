@@ -89,16 +89,34 @@ def _f32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def cast_array(array: np.ndarray, src_dtype: str, dst_dtype: str) -> np.ndarray:
-    """Cast storage ``array`` (of safetensors dtype ``src_dtype``) to ``dst_dtype``; identity when equal."""
+# casts that can turn a finite value into Inf (the target's largest finite value is smaller)
+NARROWING = {("F32", "F16"), ("F64", "F16"), ("F64", "F32"), ("BF16", "F16"), ("F32", "BF16"), ("F64", "BF16")}
+
+
+def cast_array(array: np.ndarray, src_dtype: str, dst_dtype: str, key: str | None = None) -> np.ndarray:
+    """Cast storage ``array`` (of safetensors dtype ``src_dtype``) to ``dst_dtype``; identity when equal.
+
+    A narrowing cast maps values beyond the target's range to Inf, as torch does; numpy's overflow warning is
+    silenced and, when ``key`` names the output tensor, the count is recorded (``nonfinite.note_overflow``) so
+    the writer's NaN / Inf warning says the cast made them, not the source.
+    """
     if src_dtype == dst_dtype:
         return array
     if src_dtype not in FLOAT_DTYPES or dst_dtype not in FLOAT_DTYPES:
         raise InputError(f"refusing to cast non-floating tensor {src_dtype} -> {dst_dtype}")
     values = _bf16_bits_to_f32(array) if src_dtype == "BF16" else array
-    if dst_dtype == "BF16":
-        return _f32_to_bf16_bits(values.astype(np.float32, copy=False))
-    return values.astype(ST_TO_NUMPY[dst_dtype])
+    with np.errstate(over="ignore"):
+        if dst_dtype == "BF16":
+            out = _f32_to_bf16_bits(values.astype(np.float32, copy=False))
+        else:
+            out = values.astype(ST_TO_NUMPY[dst_dtype])
+    if key is not None and (src_dtype, dst_dtype) in NARROWING:
+        from sdxl_ckpt.formats.nonfinite import count_nonfinite, note_overflow
+
+        made = count_nonfinite(out, dst_dtype).inf - count_nonfinite(array, src_dtype).inf
+        if made > 0:
+            note_overflow(key, made, dst_dtype)
+    return out
 
 
 def to_float32(array: np.ndarray, st_dtype: str) -> np.ndarray:

@@ -8,6 +8,7 @@ bit patterns (exponent all ones), which is exact and much faster than numpy's fl
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,23 @@ def count_nonfinite(array: np.ndarray, st_dtype: str) -> NonFinite:
     return NonFinite(nan, inf)
 
 
+_OVERFLOWS: dict[str, tuple[int, str]] = {}
+_OVERFLOWS_LOCK = threading.Lock()
+DTYPE_FLAGS = {"F16": "fp16", "F32": "fp32", "BF16": "bf16", "F64": "fp64"}
+
+
+def note_overflow(key: str, count: int, dst_dtype: str) -> None:
+    """Record that casting tensor ``key`` to ``dst_dtype`` turned ``count`` finite values into Inf."""
+    with _OVERFLOWS_LOCK:
+        _OVERFLOWS[key] = (count, dst_dtype)
+
+
+def take_overflow(key: str) -> tuple[int, str] | None:
+    """The overflow recorded for ``key`` (and forget it): ``(count, dtype)`` or None."""
+    with _OVERFLOWS_LOCK:
+        return _OVERFLOWS.pop(key, None)
+
+
 class NonFiniteWatch:
     """Used by the writers: checks each tensor as it is written and prints one ``warning:`` line per tensor holding
     NaN / Inf (the first ``shown``; then one summary line), on stderr above any progress bar. Values are kept."""
@@ -76,11 +94,12 @@ class NonFiniteWatch:
 
     def check(self, name: str, array: np.ndarray, st_dtype: str) -> NonFinite:
         found = count_nonfinite(array, st_dtype)
+        overflow = take_overflow(name)
         if found:
             self.found[name] = found
             if len(self.found) <= self.shown:
                 where = f"{self.source}: " if self.source else ""
-                _warn(f"warning: {where}key {name!r}: {found.describe()} values (written as they are)")
+                _warn(f"warning: {where}{_describe(name, found, overflow)}")
         return found
 
     def finish(self) -> None:
@@ -88,6 +107,17 @@ class NonFiniteWatch:
         if hidden > 0:
             total = sum(self.found.values(), NonFinite())
             _warn(f"warning: {hidden} more tensors hold NaN / Inf ({len(self.found)} in all, {total.describe()})")
+
+
+def _describe(name: str, found: NonFinite, overflow: tuple[int, str] | None) -> str:
+    """One warning line; Inf made by a ``--dtype`` cast is named as such (the source held finite values)."""
+    if overflow is None:
+        return f"key {name!r}: {found.describe()} values (written as they are)"
+    count, dtype = overflow
+    flag = DTYPE_FLAGS.get(dtype, dtype)
+    line = f"--dtype {flag} overflowed {count} values in {name!r} (finite in the source, Inf in the output)"
+    rest = NonFinite(found.nan, found.inf - count)
+    return f"{line}; the source itself had {rest.describe()}" if rest else line
 
 
 def _warn(line: str) -> None:

@@ -8,8 +8,11 @@ the two sides cannot drift apart silently.
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,19 +101,68 @@ def save_reference(path: str | os.PathLike, ref: Reference, overwrite: bool = Fa
     return Path(path)
 
 
+# what a malformed zip / .npy member can raise from zipfile, zlib and numpy's header parser
+_NPZ_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    ValueError,
+    OSError,
+    EOFError,
+    KeyError,
+    RuntimeError,
+    NotImplementedError,
+    SyntaxError,
+    struct.error,
+    zlib.error,
+)
+MAX_DEFLATE_RATIO = 1100  # deflate cannot expand beyond ~1032:1; a member claiming more is a lie or a bomb
+
+
+def _check_members(p: Path) -> None:
+    """Every member is a ``.npy`` whose header's shape fits in the bytes the zip really holds, so a hostile header
+    (a shape of 10**12 elements in a 1 KiB file) is refused before numpy allocates anything."""
+    archive_size = p.stat().st_size
+    with zipfile.ZipFile(p) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise CorruptFileError(f"member {info.filename!r} is not a .npy array", path=p)
+            if info.compress_size > archive_size or info.file_size > max(info.compress_size, 1) * MAX_DEFLATE_RATIO:
+                raise CorruptFileError(f"member {info.filename!r} claims an impossible size", path=p)
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, _fortran, dtype = np.lib.format.read_array_header_1_0(member)
+                else:
+                    shape, _fortran, dtype = np.lib.format.read_array_header_2_0(member)
+            if dtype.hasobject:
+                raise CorruptFileError(f"member {info.filename!r} holds Python objects (never unpickled)", path=p)
+            if math.prod(shape) * dtype.itemsize > info.file_size:
+                raise CorruptFileError(
+                    f"member {info.filename!r} claims shape {list(shape)} {dtype} but holds {info.file_size} bytes",
+                    path=p,
+                )
+
+
 def load_reference(path: str | os.PathLike) -> Reference:
     """Read a reference file; any problem becomes one InputError/CorruptFileError naming the file."""
     p = Path(path)
     if not p.is_file():
         raise InputError("reference file not found", path=p)
     try:
+        _check_members(p)
         with np.load(p, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise CorruptFileError(f"not a readable .npz reference ({exc})", path=p) from None
+    except _NPZ_ERRORS as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise CorruptFileError(f"not a readable .npz reference ({exc.__class__.__name__}: {text})", path=p) from None
     if META_KEY not in arrays:
         raise CorruptFileError("no metadata: not written by 'sdxl-ckpt reference'", path=p)
-    meta = json.loads(str(arrays.pop(META_KEY)))
+    try:
+        meta = json.loads(str(arrays.pop(META_KEY)))
+    except (ValueError, RecursionError) as exc:
+        raise CorruptFileError(f"metadata is not valid JSON ({exc.__class__.__name__})", path=p) from None
+    if not isinstance(meta, dict):
+        raise CorruptFileError("metadata is not a JSON object", path=p)
     if meta.get("format") != FORMAT:
         raise InputError(f"unsupported reference format {meta.get('format')!r} (expected {FORMAT})", path=p)
     missing = [k for k in REQUIRED if k not in arrays]

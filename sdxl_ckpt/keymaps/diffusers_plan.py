@@ -45,13 +45,17 @@ def _planned_shape(target: Target, shapes: Sequence[tuple[int, ...]], where: str
     return transform.shape(shapes)
 
 
-def _loader(sources: list[TensorEntry], transform: str, dst: str, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+def _loader(
+    sources: list[TensorEntry], transform: str, dst: str, shape: tuple[int, ...], name: str
+) -> Callable[[], np.ndarray]:
     src = sources[0].dtype
 
     def load() -> np.ndarray:
         # reshape: np.ascontiguousarray (used by casts) turns a 0-d array into a 1-d one
         arrays = [e.load() for e in sources]
-        return np.ascontiguousarray(cast_array(TRANSFORMS[transform].forward(arrays), src, dst)).reshape(shape)
+        return np.ascontiguousarray(cast_array(TRANSFORMS[transform].forward(arrays), src, dst, key=name)).reshape(
+            shape
+        )
 
     return load
 
@@ -155,7 +159,7 @@ def _plan_component(
                 target.name,
                 dst,
                 shape,
-                _loader(sources, target.transform, dst, shape),
+                _loader(sources, target.transform, dst, shape, target.name),
                 source=" + ".join(f"{e.source}:{e.name}" for e in sources),
                 span=sources[0].passthrough_span if same_bytes else None,
             )

@@ -136,8 +136,14 @@ def write_export(variant: str, fmt: str, out_dir: str | os.PathLike, *, overwrit
     if fmt != "mindone":
         raise InputError(f"--format must be 'mindone', not {fmt!r}")
     folder = Path(out_dir)
-    if not folder.is_dir():
-        raise InputError("output folder does not exist", path=folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError("exists and is not a folder", path=folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: exporting into a new folder is the usual case
+    except OSError as exc:
+        from sdxl_ckpt.errors import OutputWriteError
+
+        raise OutputWriteError(f"cannot create the folder: {exc.strerror}", path=folder) from None
     texts = dict(zip(("torch", "mindspore"), export_lists(load_keymap(variant))))
     paths = {kind: folder / f"{kind}_key_{variant}.yaml" for kind in texts}
     for path in paths.values():

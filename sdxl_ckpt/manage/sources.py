@@ -18,9 +18,10 @@ from sdxl_ckpt.formats.ckpt_io import scan_ckpt
 from sdxl_ckpt.formats.diffusers_folder import Component, read_component
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.safetensors_io import read_safetensors
+from sdxl_ckpt.formats.sniff import expect, sniff
 from sdxl_ckpt.keymaps import VARIANTS, load_keymap
 from sdxl_ckpt.keymaps.diffusers_plan import detect_architecture
-from sdxl_ckpt.sdxl.components import DIFFUSERS_FOLDERS, component_of
+from sdxl_ckpt.sdxl.components import DIFFUSERS_FOLDERS, component_of, partial_of
 from sdxl_ckpt.sdxl.detect import detect_variant
 
 FORMAT_LABELS = {
@@ -38,7 +39,6 @@ COMPONENT_CLASSES = {
     "CLIPTextModel": "text_encoder",
     "CLIPTextModelWithProjection": "text_encoder_2",
 }
-PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 @dataclass(frozen=True)
@@ -71,29 +71,19 @@ class Checkpoint:
         return FORMAT_LABELS[self.format]
 
 
+INSPECTABLE = ("folder", "ckpt", "sd", "ms-safetensors", "partial", "diffusers-weights", "safetensors", "no-tensors")
+
+
 def sniff_format(path: Path) -> str:
-    """``safetensors``, ``ckpt`` or ``diffusers`` from what is on disk (suffix first, then the first bytes)."""
-    if not path.exists():
-        raise InputError("no such file or folder", path=path)
-    if path.is_dir():
+    """``safetensors``, ``ckpt`` or ``diffusers`` from what is on disk (``formats.sniff``: content first).
+
+    Files this tool does not read (PyTorch pickles, LoRAs, empty files) are refused with what they are and which
+    command takes them.
+    """
+    found = expect(sniff(path, partial_of), INSPECTABLE, "inspect / diff", "a checkpoint file or a diffusers folder")
+    if found.kind == "folder":
         return "diffusers"
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    if head.startswith(PICKLE_MAGIC):
-        raise InputError(
-            "a PyTorch pickle checkpoint (.ckpt/.pt/.bin): not read by this tool, which never unpickles; "
-            "convert it to safetensors first",
-            path=path,
-        )
-    if path.suffix == ".safetensors":
-        return "safetensors"
-    if path.suffix == ".ckpt":
-        return "ckpt"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
-    if head[:1] == b"\x0a":
-        return "ckpt"
-    raise InputError("neither a safetensors file nor a MindSpore ckpt (unrecognised first bytes)", path=path)
+    return "ckpt" if found.kind == "ckpt" else "safetensors"
 
 
 def _detect(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path) -> tuple[str, str, list[str]]:

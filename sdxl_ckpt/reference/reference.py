@@ -319,7 +319,7 @@ def run_reference(
     src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any
 ) -> tuple[Path, Reference]:
     """The CLI command: check the output first, compute, write the npz atomically."""
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(src, kwargs.get("unet"), kwargs.get("config_dir")))
     ref = make_reference(src, **kwargs)
     return save_reference(out, ref, overwrite), ref
 

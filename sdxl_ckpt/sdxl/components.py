@@ -7,6 +7,9 @@ stray tensors (EMA copies, ``denoiser.sigmas``...) that a user should see before
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Collection
+
 COMPONENTS = ("unet", "vae", "clip_l", "openclip", "other")
 
 # (SD / MindSpore name prefix, component); the refiner's only text encoder is OpenCLIP at embedders.0
@@ -33,3 +36,22 @@ def component_of(name: str) -> str:
         if name.startswith(prefix):
             return component
     return "other"
+
+
+def partial_of(names: Collection[str]) -> str | None:
+    """What an SD-prefixed file lacks to be a whole SDXL checkpoint (``None`` if whole, ``""`` if no SD names).
+
+    Whole: a UNet, a VAE and at least one text encoder (the refiner has only OpenCLIP). Used by the file sniffer
+    so a UNet-only or VAE-only export is named as such instead of failing with hundreds of missing keys.
+    """
+    counts = Counter(component_of(n) for n in names)
+    known = [c for c in COMPONENTS if c != "other" and counts[c]]
+    if not known:
+        return ""
+    if "unet" in known and "vae" in known and ("clip_l" in known or "openclip" in known):
+        return None
+    lacking = [c for c in ("unet", "vae") if c not in known]
+    if "clip_l" not in known and "openclip" not in known:
+        lacking.append("text encoders")
+    held = ", ".join(f"{c} {counts[c]} tensors" for c in known)
+    return f"only {held}; no {', no '.join(lacking)}"

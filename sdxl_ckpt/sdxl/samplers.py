@@ -34,12 +34,12 @@ REFERENCE_SAMPLERS = tuple(name for name, spec in SAMPLERS.items() if spec.diffu
 
 def reference_sampler(name: str) -> str:
     """``name`` as a sampler with a diffusers reference (case-insensitive); anything else is one clear error."""
-    key = name.strip().lower()
+    key = name.strip().lower().replace("-", "_")
     if key in REFERENCE_SAMPLERS:
         return key
     if key in SAMPLERS:
         raise InputError(
-            f"sampler {name!r} has no diffusers reference, so it cannot be verified "
-            f"(choose {', '.join(REFERENCE_SAMPLERS)})"
+            f"sampler {name!r} has no diffusers reference, so it cannot be checked: choose "
+            f"{', '.join(REFERENCE_SAMPLERS)} (ancestral samplers such as euler_a are not reproducible against one)"
         )
     raise InputError(f"unknown sampler {name!r} (choose {', '.join(REFERENCE_SAMPLERS)})")

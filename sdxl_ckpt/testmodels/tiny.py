@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sdxl_ckpt.errors import InputError, OutputExistsError
+from sdxl_ckpt.formats.atomic import atomic_output_dir
 from sdxl_ckpt.formats.diffusers_folder import with_text_model_level
 from sdxl_ckpt.sdxl.configs import full_configs, structure_of
 from sdxl_ckpt.sdxl.tokenizers import BYTE_LEVEL_VOCAB_SIZE, write_tokenizers
@@ -235,7 +235,6 @@ def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
             raise OutputExistsError(
                 "not a diffusers pipeline folder (no model_index.json); refusing to replace it", path=out
             )
-        shutil.rmtree(out)
     return out
 
 
@@ -255,11 +254,15 @@ def build_model_cli(
     if full and cond_proj:
         raise InputError("--cond-proj is not available with --full")
     out = prepare_output_dir(out_dir, overwrite)
-    if full:
-        from sdxl_ckpt.testmodels.full import build_full_model
+    # built in a hidden folder beside ``out`` and renamed into place: an interrupted build leaves nothing there
+    with atomic_output_dir(out, replace=True) as tmp:
+        if full:
+            from sdxl_ckpt.testmodels.full import build_full_model
 
-        return build_full_model(variant, out, seed=seed, variant_fp16=variant_fp16, quiet=quiet)
-    return build_tiny_model(variant, out, seed=seed, cond_proj=cond_proj, variant_fp16=variant_fp16)
+            build_full_model(variant, tmp, seed=seed, variant_fp16=variant_fp16, quiet=quiet)
+        else:
+            build_tiny_model(variant, tmp, seed=seed, cond_proj=cond_proj, variant_fp16=variant_fp16)
+    return out
 
 
 def tiny_runtime_config(variant: str, cond_proj: bool = False) -> Any:

@@ -11,10 +11,12 @@ The stage table (``STAGES``) is data: name, which reference array, how the MindS
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -208,6 +210,45 @@ class Stage:
     ref: Callable[[Session], np.ndarray]
     ours: Callable[[Session], np.ndarray]
     image: bool = False
+
+
+# every stage name ``stages_for`` can produce besides ``step i/n`` (kept in step by a test), for --rtol-override
+STAGE_NAMES = (
+    "schedule",
+    "text_encoder_1",
+    "text_encoder_2.hidden",
+    "text_encoder_2.pooled",
+    "context",
+    "y",
+    "guidance_embedding",
+    "vae_encode",
+    "unet.first",
+    "vae.decode",
+    "final_latent",
+    "decoded",
+    "image",
+)
+
+
+def resolve_sampler(name: str | None) -> str | None:
+    """``--sampler`` as a sampler with a diffusers reference (case-insensitive); None stays None."""
+    return None if name is None else reference_sampler(name)
+
+
+def check_override_names(overrides: Mapping[str, float]) -> None:
+    """An ``--rtol-override`` must name a stage, a stage group (``step``, ``unet``...) or ``image_levels``."""
+    from sdxl_ckpt.verify.compare import IMAGE_LEVELS_KEY, group_of
+
+    known = {*STAGE_NAMES, *(group_of(n) for n in STAGE_NAMES), "step", IMAGE_LEVELS_KEY}
+    for name in overrides:
+        if name in known or re.fullmatch(r"step \d+/\d+", name):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise InputError(
+            f"--rtol-override: no stage {name!r}{hint} (stages: {', '.join(STAGE_NAMES)}, 'step i/n'; "
+            f"groups: step, text_encoder_2, unet, vae; image_levels)"
+        )
 
 
 def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
