@@ -25,9 +25,9 @@ def _yaml_shapes(variant: str, ms: bool = False) -> dict[str, tuple[int, ...]]:
 
 
 def _meta_sd_shapes(structure: str, configs: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    from sdxl_ckpt.keymaps.generate import sd_shapes
+    from sdxl_ckpt.testmodels.full import meta_sd_shapes
 
-    return sd_shapes(structure, configs)
+    return meta_sd_shapes(structure, configs)
 
 
 def _metadata(configs: dict) -> dict[str, str]:

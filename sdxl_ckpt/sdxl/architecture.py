@@ -55,12 +55,17 @@ class Architecture:
     provenance: dict[str, str]
 
 
+def sd_name(name: str) -> str:
+    """The SD name of an SD or MindSpore tensor name (``gamma``/``beta``/``embedding_table`` -> ``weight``/``bias``)."""
+    return _MS_SUFFIX.sub(lambda m: "." + _MS_TO_SD[m.group(1)], name)
+
+
 def sd_names(shapes: Shapes) -> dict[str, tuple[int, ...]]:
-    """The same shapes under SD names (MindSpore ``gamma``/``beta``/``embedding_table`` -> ``weight``/``bias``)."""
-    out = {}
-    for name, shape in shapes.items():
-        out[_MS_SUFFIX.sub(lambda m: "." + _MS_TO_SD[m.group(1)], name)] = tuple(shape)
-    return out
+    """The same shapes under SD names."""
+    return {sd_name(name): tuple(shape) for name, shape in shapes.items()}
+
+
+HEAD_FIELDS = ("unet.attention_head_dim", "text_encoder.num_attention_heads", "text_encoder_2.num_attention_heads")
 
 
 def _indices(shapes: Shapes, prefix: str) -> list[int]:
@@ -153,7 +158,7 @@ def _down_levels(shapes: Shapes, path: object) -> list[_Level]:
         if index == 0:
             continue
         block = f"{UNET}input_blocks.{index}."
-        if block + "0.op.weight" in shapes:  # the downsampler that ends a level
+        if any(n.startswith(block + "0.op.") for n in shapes):  # the downsampler that ends a level
             if current is None:
                 raise InputError(f"UNet: downsampler {block}0.op with no resnet before it", path=path)
             levels.append(current)
@@ -170,19 +175,31 @@ def _down_levels(shapes: Shapes, path: object) -> list[_Level]:
     return levels
 
 
-def _up_levels(shapes: Shapes, path: object) -> list[list[tuple[bool, int]]]:
-    """Per up level, per layer: (has attention, transformer depth); a level ends with its upsampler."""
+def _up_levels(shapes: Shapes, down: list[_Level], path: object) -> list[list[tuple[bool, int]]]:
+    """Per up level, per layer: (has attention, transformer depth).
+
+    diffusers mirrors the down path: up level ``i`` has one more layer than down level ``levels-1-i``, so the
+    output blocks are grouped by that count, not by where an upsampler is found (a missing one is then a
+    missing key, not another architecture).
+    """
+    counts = [len(level.depths) + 1 for level in reversed(down)]
+    found = _indices(shapes, UNET + "output_blocks.")
+    if found != list(range(sum(counts))):
+        raise InputError(
+            f"UNet: output blocks {found[:1]}..{found[-1:]} ({len(found)}), but {len(down)} down levels with "
+            f"{[len(lv.depths) for lv in down]} layers need output_blocks.0..{sum(counts) - 1}",
+            path=path,
+        )
     levels: list[list[tuple[bool, int]]] = []
-    current: list[tuple[bool, int]] = []
-    for index in _indices(shapes, UNET + "output_blocks."):
-        block = f"{UNET}output_blocks.{index}."
-        attention = block + "1.proj_in.weight" in shapes
-        current.append((attention, _depth(shapes, block + "1.") if attention else 0))
-        if block + "1.conv.weight" in shapes or block + "2.conv.weight" in shapes:
-            levels.append(current)
-            current = []
-    if current:
-        levels.append(current)
+    index = 0
+    for count in counts:
+        level = []
+        for _ in range(count):
+            block = f"{UNET}output_blocks.{index}."
+            attention = block + "1.proj_in.weight" in shapes
+            level.append((attention, _depth(shapes, block + "1.") if attention else 0))
+            index += 1
+        levels.append(level)
     return levels
 
 
@@ -201,9 +218,7 @@ def _unet(
     conv_out = _shape(shapes, UNET + "out.2.weight", path)
     time_embed = _shape(shapes, UNET + "time_embed.0.weight", path)
     down = _down_levels(shapes, path)
-    up = _up_levels(shapes, path)
-    if len(up) != len(down):
-        raise InputError(f"UNet: {len(down)} down levels but {len(up)} up levels", path=path)
+    up = _up_levels(shapes, down, path)
     channels = [level.channels for level in down]
     b.weights("in_channels", conv_in[1])
     b.weights("out_channels", conv_out[0])
@@ -271,7 +286,11 @@ def _unet(
                 f"{WEIGHTS} (added-conditioning width {adm} - pooled text width {pooled}) / {ids} time ids",
             )
         else:
-            b.guess("addition_time_embed_dim", b.config["addition_time_embed_dim"], CONVENTION)
+            raise InputError(
+                f"UNet added conditioning is {adm} wide ({UNET}label_emb.0.0.weight), which is not the pooled text "
+                f"width {pooled} (text_projection) plus {ids} equal time-id embeddings: not an SDXL {structure}",
+                path=path,
+            )
     else:
         raise InputError("UNet: no label_emb (SDXL's size/crop conditioning): not an SDXL UNet", path=path)
 
@@ -282,6 +301,12 @@ def _unet(
         b.weights("use_linear_projection", len(proj_in) == 2)
     cross = _first_cross_attention(shapes)
     if cross is not None:
+        if context is not None and cross[1] != context:
+            raise InputError(
+                f"UNet cross-attention reads {cross[1]} channels but the text encoders give {context}: "
+                "UNet and text encoders do not belong together",
+                path=path,
+            )
         b.weights("cross_attention_dim", cross[1])
     elif context is not None:
         b.weights("cross_attention_dim", context, f"{WEIGHTS} (the text encoders' widths together)")
@@ -290,7 +315,9 @@ def _unet(
         [heads_for(c) for c in channels],
         f"{CONVENTION} ({HEAD_CHANNELS}-channel heads)",
     )
-    if isinstance(b.config["attention_head_dim"], list) and len(b.config["attention_head_dim"]) != len(channels):
+    heads = b.config["attention_head_dim"]
+    per_level = heads if isinstance(heads, list) else [heads] * len(channels)
+    if len(per_level) != len(channels) or any(not isinstance(h, int) or c % h for h, c in zip(per_level, channels)):
         b.weights(
             "attention_head_dim", [heads_for(c) for c in channels], f"{CONVENTION} ({HEAD_CHANNELS}-channel heads)"
         )
@@ -346,6 +373,9 @@ def _text_common(b: _Builder, hidden: int, vocab: int, positions: int, layers: i
     else:
         b.weights("num_hidden_layers", layers)
     b.guess("num_attention_heads", heads_for(hidden), f"{CONVENTION} ({HEAD_CHANNELS}-channel heads)")
+    heads = b.config["num_attention_heads"]
+    if not isinstance(heads, int) or heads <= 0 or hidden % heads:
+        b.weights("num_attention_heads", heads_for(hidden), f"{CONVENTION} ({HEAD_CHANNELS}-channel heads)")
 
 
 def _clip_l(shapes: Shapes, declared: Mapping[str, Any], path: object) -> tuple[dict[str, Any], dict[str, str]]:

@@ -277,6 +277,31 @@ def build_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     configs = tiny_configs(structure)
+    _write_pipeline(out, structure, configs, seed, variant_fp16, unet_max_shard_size, clip_flat_keys)
+    if variant == "lcm":
+        with _library_bars_off():
+            write_tiny_unet(out / "lcm-unet", "base", seed + 1, cond_proj, variant_fp16, unet_max_shard_size)
+    return out
+
+
+def build_shape_model(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny pipeline folder with the proportions ``SHAPES[name]`` (fp32, official CLIP-L key layout)."""
+    structure, configs = shape_configs(name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_pipeline(out, structure, configs, seed, False, None, False)
+    return out
+
+
+def _write_pipeline(
+    out: Path,
+    structure: str,
+    configs: dict[str, dict[str, Any]],
+    seed: int,
+    variant_fp16: bool,
+    unet_max_shard_size: int | str | None,
+    clip_flat_keys: bool,
+) -> None:
     with _library_bars_off():
         for component, config in configs.items():
             shard = unet_max_shard_size if component == "unet" else None
@@ -284,9 +309,6 @@ def build_tiny_model(
         write_tokenizers(out, structure)
         write_scheduler(out)
         write_model_index(out, structure)
-        if variant == "lcm":
-            write_tiny_unet(out / "lcm-unet", "base", seed + 1, cond_proj, variant_fp16, unet_max_shard_size)
-    return out
 
 
 @contextlib.contextmanager
