@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sdxl_ckpt.cli import main
-from sdxl_ckpt.convert.sd_ms import check_against_keymap
+from sdxl_ckpt.convert.sd_ms import check_exact
 from sdxl_ckpt.formats.ckpt_io import scan_ckpt
 from sdxl_ckpt.keymaps import load_keymap
 from sdxl_ckpt.keymaps.mindone import format_shape
@@ -157,22 +157,28 @@ def test_planted_fault_stops_conversion(sd_files, tmp_path, capsys, fault):
     assert not out.exists() and not list(tmp_path.glob(".out.ckpt*"))
 
 
+def _check(shapes, dtypes):
+    from sdxl_ckpt.sdxl.architecture import infer_architecture
+
+    return check_exact(shapes, dtypes, infer_architecture(shapes))
+
+
 def test_full_size_shapes_checked_exactly():
-    """Full-size inputs are judged against the keymap's shapes (headers suffice: no 7 GB file needed)."""
+    """Full-size inputs are judged against the architecture read from them (headers suffice: no 7 GB file)."""
+    from sdxl_ckpt.errors import InputError
+
     keymap = load_keymap("base")
     shapes = {s.sd: s.shape for s in keymap.specs}
     dtypes = {s.sd: "F16" if s.dtype == "float" else "I64" for s in keymap.specs}
-    assert check_against_keymap(shapes, dtypes, keymap).problems == []
-    key = "conditioner.embedders.1.model.text_projection"
-    shapes[key] = (1280, 1281)
-    check = check_against_keymap(shapes, dtypes, keymap)
-    assert check.mode == "full-size" and [k for k, _m in check.problems] == [key]
-    # a dimension changed consistently everywhere is a different model, not a full-size SDXL
-    shapes[key] = (1280, 1280)
-    shapes["model.diffusion_model.label_emb.0.0.weight"] = (1280, 2817)
-    assert [k for k, _m in check_against_keymap(shapes, dtypes, keymap).problems] == [
-        "model.diffusion_model.label_emb.0.0.weight"
-    ]
+    assert _check(shapes, dtypes).problems == []
+    key = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    shapes[key] = (640, 641)
+    assert [k for k, _m in _check(shapes, dtypes).problems] == [key]
+    # widths that do not add up are refused with one line naming the tensors (1281 + 6 x 256 is not 2816)
+    shapes[key] = (640, 640)
+    shapes["conditioner.embedders.1.model.text_projection"] = (1280, 1281)
+    with pytest.raises(InputError, match="label_emb.*text_projection"):
+        _check(shapes, dtypes)
 
 
 def test_ms_to_st_rejects_foreign_and_corrupt(sd_files, tmp_path, capsys):
@@ -263,11 +269,11 @@ def test_detection_notes_and_errors(sd_files, tmp_path, capsys):
     assert rc == 0 and "variant base" in out and "--keys lcm" in out
     refiner_as_base = tmp_path / "c.ckpt"
     rc, _out, err = _run(["st-to-ms", sd_files["refiner"], "-o", refiner_as_base, "-q", "--keys", "base"], capsys)
-    assert rc == 2 and "missing" in err and not refiner_as_base.exists()
+    assert rc == 2 and "refiner key structure" in err and not refiner_as_base.exists()
     neither = _faulty(
         sd_files["refiner"],
         tmp_path,
         lambda t: t.pop("conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias"),
     )
     rc, _out, err = _run(["st-to-ms", neither, "-o", tmp_path / "d.ckpt", "-q"], capsys)
-    assert rc == 2 and "sentinel" in err
+    assert rc == 2 and "resblocks.9.mlp.c_proj.bias" in err

@@ -1,9 +1,9 @@
-"""``st-to-ms`` and ``ms-to-st``: SD safetensors <-> MindSpore ckpt, checked against the keymap, one tensor at a time.
+"""``st-to-ms`` and ``ms-to-st``: SD safetensors <-> MindSpore ckpt, checked exactly, one tensor at a time.
 
-Every input is validated before the output is opened: unknown and missing keys, dtype classes, and shapes. A
-full-size input must match the keymap's shapes exactly; a smaller SDXL-shaped input (the tiny test models) must
-be internally consistent: every axis carries a dimension symbol (``d320``...) and all axes with one symbol must
-have one size. All problems are reported together, each naming its key; nothing is written then.
+Every input is validated before the output is opened: the architecture is read from its names and shapes
+(``sdxl.architecture``), and the file must hold exactly the keys, shapes and dtype classes that architecture has
+(``keymaps.expected``), whatever its widths. All problems are reported together, each naming its key; nothing
+is written then. MindSpore names come from the rename rules (``keymaps.sd_ms``).
 Values are never changed (``--dtype`` casts floating tensors only when asked); ``position_ids`` is dropped on the
 way in and regenerated on the way out.
 """
@@ -31,9 +31,13 @@ from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.fastio import Background
 from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.formats.sniff import expect, sniff
-from sdxl_ckpt.keymaps import VARIANTS, Keymap, KeySpec, load_keymap
+from sdxl_ckpt.keymaps import VARIANTS
+from sdxl_ckpt.keymaps.expected import ExpectedKey, expected_keys
 from sdxl_ckpt.keymaps.mindone import check_lists, read_list
+from sdxl_ckpt.keymaps.sd_ms import sd_to_ms_name
+from sdxl_ckpt.sdxl.architecture import HEAD_FIELDS, OPENCLIP, Architecture, infer_architecture, sd_name, sd_names
 from sdxl_ckpt.sdxl.components import partial_of
+from sdxl_ckpt.sdxl.configs import structure_of
 from sdxl_ckpt.sdxl.detect import Detection, detect_variant
 
 FORMATS = ("ckpt", "safetensors")
@@ -49,14 +53,15 @@ ARCHITECTURE = {
 
 @dataclass
 class Check:
-    """The outcome of validating an input against a keymap (raised as KeyMismatchError when ``problems``)."""
+    """An input judged against the exact key set of the architecture read from it (problems raised by the caller)."""
 
-    mode: str = "full-size"  # or "structure" (SDXL-shaped, other widths)
-    bindings: dict[str, int] = field(default_factory=dict)  # dimension symbol -> size in this input
+    architecture: Architecture
+    expected: dict[str, ExpectedKey]
     problems: list[tuple[str | None, str]] = field(default_factory=list)
+    mode: str = "exact"
 
 
-def _dtype_problem(spec: KeySpec, dtype: str) -> str | None:
+def _dtype_problem(spec: ExpectedKey, dtype: str) -> str | None:
     if spec.dtype == "float" and dtype not in FLOAT_DTYPES:
         return f"dtype {dtype} where a floating tensor is expected"
     if spec.dtype == "int" and dtype in FLOAT_DTYPES:
@@ -64,72 +69,49 @@ def _dtype_problem(spec: KeySpec, dtype: str) -> str | None:
     return None
 
 
-def check_against_keymap(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str], keymap: Keymap) -> Check:
-    """Validate SD-named ``shapes``/``dtypes`` against ``keymap``; returns the Check (problems not raised here)."""
-    check = Check()
-    known = keymap.by_sd
-    unexpected = [name for name in shapes if name not in known]
+def check_exact(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str], architecture: Architecture) -> Check:
+    """Every SD-named key of the input against ``expected_keys(architecture)``: names, shapes and dtype classes."""
+    check = Check(architecture, expected_keys(architecture))
+    expected = check.expected
+    what = f"an SDXL {architecture.structure} of these widths"
+    unexpected = [name for name in shapes if name not in expected]
     for name in unexpected[:MAX_LISTED_PROBLEMS]:
-        close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.9)
+        close = difflib.get_close_matches(name, list(expected), n=1, cutoff=0.9)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        check.problems.append((name, f"unexpected key (not in the {keymap.variant} keymap){hint}"))
+        check.problems.append((name, f"unexpected key (not in {what}){hint}"))
     for name in unexpected[MAX_LISTED_PROBLEMS:]:
         check.problems.append((name, "unexpected key"))
-    for spec in keymap.specs:
-        if spec.sd not in shapes and spec.required and spec.ms is not None:
-            check.problems.append((spec.sd, f"missing (the {keymap.variant} keymap requires it)"))
-    present = [known[name] for name in shapes if name in known]
-    for spec in present:
-        problem = _dtype_problem(spec, dtypes[spec.sd])
+    for name, spec in expected.items():
+        if name not in shapes:
+            if spec.required:
+                check.problems.append((name, f"missing ({what} has it)"))
+            continue
+        problem = _dtype_problem(spec, dtypes[name])
         if problem:
-            check.problems.append((spec.sd, problem))
-        if len(shapes[spec.sd]) != len(spec.shape):
+            check.problems.append((name, problem))
+        if tuple(shapes[name]) != spec.shape:
             check.problems.append(
-                (
-                    spec.sd,
-                    f"shape {list(shapes[spec.sd])} has rank {len(shapes[spec.sd])}; the keymap has {list(spec.shape)}",
-                )
+                (name, f"shape {list(shapes[name])}; the architecture read from this file gives {list(spec.shape)}")
             )
-    ranked = [s for s in present if len(shapes[s.sd]) == len(s.shape)]
-    exact = sum(tuple(shapes[s.sd]) == s.shape for s in ranked)
-    if ranked and exact * 2 >= len(ranked):
-        check.mode = "full-size"
-        for spec in ranked:
-            if tuple(shapes[spec.sd]) != spec.shape:
-                check.problems.append(
-                    (spec.sd, f"shape {list(shapes[spec.sd])}; the full-size model has {list(spec.shape)}")
-                )
-        check.bindings = {d: n for s in ranked for d, n in zip(s.dims, s.shape)}
-    else:
-        check.mode = "structure"
-        check.bindings = _bind_symbols(ranked, shapes, check.problems)
     return check
 
 
-def _bind_symbols(
-    specs: list[KeySpec], shapes: Mapping[str, tuple[int, ...]], problems: list[tuple[str | None, str]]
-) -> dict[str, int]:
-    """Give each dimension symbol the size most of its axes have; every other axis is a problem."""
-    seen: dict[str, Counter] = {}
-    where: dict[tuple[str, int], str] = {}
-    for spec in specs:
-        for size, symbol in zip(shapes[spec.sd], spec.dims):
-            seen.setdefault(symbol, Counter())[size] += 1
-            where.setdefault((symbol, size), spec.sd)
-    bindings = {symbol: counts.most_common(1)[0][0] for symbol, counts in seen.items()}
-    for spec in specs:
-        for axis, (size, symbol) in enumerate(zip(shapes[spec.sd], spec.dims)):
-            if size != bindings[symbol]:
-                other = where[(symbol, bindings[symbol])]
-                problems.append(
-                    (
-                        spec.sd,
-                        f"shape {list(shapes[spec.sd])}: axis {axis} is {size} but this "
-                        f"dimension ({symbol} full-size) is {bindings[symbol]} elsewhere, "
-                        f"e.g. in {other!r}",
-                    )
-                )
-    return bindings
+def read_architecture(
+    keys: str, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], path: object
+) -> tuple[Architecture, Detection]:
+    """The architecture of an input and its variant: detected (``auto``) or forced by ``--keys``."""
+    if keys not in KEY_CHOICES:
+        raise InputError(f"--keys must be one of {', '.join(KEY_CHOICES)}, not {keys!r}")
+    architecture = infer_architecture(shapes, metadata, path=path)
+    if keys == "auto":
+        return architecture, detect_variant(sd_names(shapes), metadata, path=path)
+    if structure_of(keys) != architecture.structure:
+        raise InputError(
+            f"--keys {keys}: but this file has the {architecture.structure} key structure "
+            f"(its OpenCLIP encoder is under {OPENCLIP[architecture.structure]!r})",
+            path=path,
+        )
+    return architecture, Detection(keys, "--keys")
 
 
 def raise_problems(problems: list[tuple[str | None, str]], path: object) -> None:
@@ -153,18 +135,6 @@ def raise_problems(problems: list[tuple[str | None, str]], path: object) -> None
     error = KeyMismatchError(head, path=path, key=first_key if len(problems) == 1 else None)
     error.problems = [{"key": key, "problem": message} for key, message in problems]
     raise error
-
-
-def _choose_keymap(
-    keys: str, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], path: object
-) -> tuple[Keymap, Detection]:
-    if keys not in KEY_CHOICES:
-        raise InputError(f"--keys must be one of {', '.join(KEY_CHOICES)}, not {keys!r}")
-    if keys == "auto":
-        detection = detect_variant(shapes, metadata, path=path)
-    else:
-        detection = Detection(keys, "--keys")
-    return load_keymap(detection.variant), detection
 
 
 class _Hasher:
@@ -216,7 +186,6 @@ def _report(
     direction: str,
     src: Path,
     out: Path,
-    keymap: Keymap,
     detection: Detection,
     check: Check,
     written: list[TensorEntry],
@@ -226,14 +195,17 @@ def _report(
     hasher: _Hasher,
     **extra: Any,
 ) -> dict[str, Any]:
+    architecture = check.architecture
     return {
         "command": direction,
         "source": str(src),
         "output": str(out),
-        "variant": keymap.variant,
+        "variant": detection.variant,
         "variant_reason": detection.reason,
         "note": detection.note,
+        "structure": architecture.structure,
         "check": check.mode,
+        "head_counts": {k: architecture.provenance[k] for k in HEAD_FIELDS if k in architecture.provenance},
         "keys_written": len(written),
         "renamed": extra.pop("renamed", 0),
         "dropped": dropped,
@@ -271,39 +243,40 @@ def st_to_ms(
     source = read_safetensors(src)
     entries = source.by_name()
     shapes = {n: e.shape for n, e in entries.items()}
-    keymap, detection = _choose_keymap(keys, shapes, source.metadata, src)
-    check = check_against_keymap(shapes, {n: e.dtype for n, e in entries.items()}, keymap)
+    architecture, detection = read_architecture(keys, shapes, source.metadata, src)
+    check = check_exact(shapes, {n: e.dtype for n, e in entries.items()}, architecture)
     if key_torch is not None:
-        check.problems += check_lists(read_list(key_torch), read_list(key_ms), shapes, keymap, key_torch, key_ms)
+        skippable = {k: e.why for k, e in check.expected.items() if not e.required or sd_to_ms_name(k)[0] is None}
+        check.problems += check_lists(read_list(key_torch), read_list(key_ms), shapes, skippable, key_torch, key_ms)
     raise_problems(check.problems, src)
 
     requested = DTYPE_CHOICES[dtype]
     with _Hasher() as hasher:
         planned, dropped, renamed = [], {}, 0
-        for spec in keymap.specs:
-            entry = entries.get(spec.sd)
+        for name in check.expected:
+            entry = entries.get(name)
             if entry is None:
                 continue
-            if spec.ms is None:
-                dropped[spec.sd] = spec.why
+            ms, rule = sd_to_ms_name(name)
+            if ms is None:
+                dropped[name] = rule.why
                 continue
             dst = target_dtype(entry.dtype, requested)
             cast = None
             if dst != entry.dtype:
-                cast = lambda a, s=entry.dtype, d=dst, k=spec.ms: cast_array(a, s, d, key=k)  # noqa: E731
-            planned.append(hasher.wrap(entry, spec.ms, dst, cast))
-            renamed += spec.ms != spec.sd
-        absent = [k for k in keymap.optional_sd if k not in entries]
+                cast = lambda a, s=entry.dtype, d=dst, k=ms: cast_array(a, s, d, key=k)  # noqa: E731
+            planned.append(hasher.wrap(entry, ms, dst, cast))
+            renamed += ms != name
+        absent = [k for k, e in check.expected.items() if not e.required and k not in entries]
         if fmt == "ckpt":
             written = write_ckpt(out, planned, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
         else:
-            metadata = {**source.metadata, "format": "ms", "sdxl_ckpt.variant": keymap.variant}
+            metadata = {**source.metadata, "format": "ms", "sdxl_ckpt.variant": detection.variant}
             written = write_safetensors(out, planned, metadata, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
         return _report(
             "st-to-ms",
             src,
             out,
-            keymap,
             detection,
             check,
             written,
@@ -337,27 +310,42 @@ def _read_ms(src: Path, kind: str) -> tuple[list[TensorEntry], dict[str, str], d
     return ckpt.entries, {}, {"records": ckpt.records, "crc_checked": crc_checked}
 
 
-def _restore(spec: KeySpec, bindings: Mapping[str, int]) -> TensorEntry:
-    shape = tuple(bindings.get(d, n) for d, n in zip(spec.dims, spec.shape))
-    if spec.restore != "arange":
-        raise InputError(f"keymap has no way to restore this key ({spec.restore!r})", key=spec.sd)
-    values = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
-    return TensorEntry(spec.sd, "I64", shape, lambda: values, source="restored")
+def _restore(name: str, spec: ExpectedKey) -> TensorEntry:
+    """``position_ids``: int64 0..n-1 in the shape the architecture gives (the only key a ckpt may lack)."""
+    if not name.endswith(".position_ids"):
+        raise InputError("no way to restore this key", key=name)
+    values = np.arange(math.prod(spec.shape), dtype=np.int64).reshape(spec.shape)
+    return TensorEntry(name, "I64", spec.shape, lambda: values, source="restored")
 
 
-def sd_metadata(keymap: Keymap, src: Path) -> dict[str, str]:
+def sd_metadata(variant: str, src: Path) -> dict[str, str]:
     """Stability ModelSpec keys + this project's provenance keys for an SD file made from ``src``."""
     from sdxl_ckpt import __version__
 
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURE[keymap.variant],
+        "modelspec.architecture": ARCHITECTURE[variant],
         "modelspec.implementation": "sgm",
         "modelspec.title": src.stem,
-        "sdxl_ckpt.variant": keymap.variant,
+        "sdxl_ckpt.variant": variant,
         "sdxl_ckpt.source.ckpt": str(src),
         "sdxl_ckpt.version": __version__,
     }
+
+
+def _sd_named(entries: list[TensorEntry]) -> tuple[dict[str, TensorEntry], list[tuple[str | None, str]]]:
+    """MindSpore entries under their SD names; a name the rename rules would not give is a problem."""
+    out: dict[str, TensorEntry] = {}
+    problems: list[tuple[str | None, str]] = []
+    for entry in entries:
+        sd = sd_name(entry.name)
+        ms, _rule = sd_to_ms_name(sd)
+        if ms != entry.name:
+            hint = f"; the MindSpore name of {sd!r} is {ms!r}" if ms else ""
+            problems.append((entry.name, f"not a MindSpore name the rename rules give{hint}"))
+        else:
+            out[sd] = entry
+    return out, problems
 
 
 def ms_to_st(
@@ -375,45 +363,31 @@ def ms_to_st(
         "a MindSpore ckpt or MindSpore-named safetensors",
     )
     entries, metadata, extra = _read_ms(src, found.kind)
-    ms_shapes = {e.name: e.shape for e in entries}
-    keymap, detection = _choose_keymap(keys, ms_shapes, metadata, src)
-    by_ms = keymap.by_ms
-    sd_entries: dict[str, TensorEntry] = {}
-    problems: list[tuple[str | None, str]] = []
-    for entry in entries:
-        spec = by_ms.get(entry.name)
-        if spec is None:
-            close = difflib.get_close_matches(entry.name, list(by_ms), n=1, cutoff=0.9)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append((entry.name, f"unexpected key (not a MindSpore name of the {keymap.variant} keymap){hint}"))
-        else:
-            sd_entries[spec.sd] = entry
-    check = check_against_keymap(
-        {n: e.shape for n, e in sd_entries.items()}, {n: e.dtype for n, e in sd_entries.items()}, keymap
-    )
-    raise_problems(problems + [(keymap.sd_to_ms.get(k, k) if k else k, m) for k, m in check.problems], src)
+    sd_entries, problems = _sd_named(entries)
+    raise_problems(problems, src)
+    shapes = {n: e.shape for n, e in sd_entries.items()}
+    architecture, detection = read_architecture(keys, shapes, metadata, src)
+    check = check_exact(shapes, {n: e.dtype for n, e in sd_entries.items()}, architecture)
+    raise_problems([(sd_to_ms_name(k)[0] or k if k else k, m) for k, m in check.problems], src)
 
     with _Hasher() as hasher:
         planned, restored = [], {}
-        for spec in keymap.specs:
-            if spec.ms is None:
-                if spec.restore:
-                    planned.append(hasher.wrap(_restore(spec, check.bindings), spec.sd, "I64"))
-                    restored[spec.sd] = spec.why
-                continue
-            entry = sd_entries.get(spec.sd)
+        for name, spec in check.expected.items():
+            entry = sd_entries.get(name)
             if entry is not None:
-                planned.append(hasher.wrap(entry, spec.sd, entry.dtype))
-        absent = [k for k in keymap.optional_sd if k not in sd_entries]
+                planned.append(hasher.wrap(entry, name, entry.dtype))
+            elif sd_to_ms_name(name)[0] is None:
+                planned.append(hasher.wrap(_restore(name, spec), name, "I64"))
+                restored[name] = sd_to_ms_name(name)[1].why
+        absent = [k for k, e in check.expected.items() if not e.required and k not in sd_entries and k not in restored]
         written = write_safetensors(
-            out, planned, sd_metadata(keymap, src), overwrite=overwrite, quiet=quiet, desc="ms-to-st"
+            out, planned, sd_metadata(detection.variant, src), overwrite=overwrite, quiet=quiet, desc="ms-to-st"
         )
         renamed = sum(1 for e in written if e.name in sd_entries and sd_entries[e.name].name != e.name)
         return _report(
             "ms-to-st",
             src,
             out,
-            keymap,
             detection,
             check,
             written,
@@ -434,11 +408,15 @@ def render_report(report: Mapping[str, Any]) -> str:
 
     lines = [
         f"{report['command']}: {report['source']} -> {report['output']}",
-        f"variant {report['variant']} ({report['variant_reason']}); check: {report['check']}",
+        f"variant {report['variant']} ({report['variant_reason']}); {report['structure']} structure, "
+        f"keys and shapes checked exactly against the architecture read from the weights",
     ]
     for key in ("note", "stored_hash"):
         if report.get(key):
             lines.append(f"note: {report[key]}")
+    heads = sorted(set(report["head_counts"].values()))
+    if heads:
+        lines.append(f"attention head counts (shapes cannot tell them): {'; '.join(heads)}")
     lines.append(
         f"tensors written {report['keys_written']} (renamed {report['renamed']}), "
         f"{human_bytes(report['tensor_bytes'])} in {report['seconds']:.2f} s; "

@@ -1,7 +1,7 @@
 """Keymaps: the explicit SD <-> MindSpore name pairs of each SDXL variant, loaded from the generated YAMLs.
 
-``load_keymap("base")`` gives a ``Keymap``: ``sd_to_ms`` / ``ms_to_sd`` dicts, the full-size ``shape``, dimension
-symbols (``dims``) and dtype class of every key, the optional keys and the dropped ones (with the reason and how
+``load_keymap("base")`` gives a ``Keymap``: ``sd_to_ms`` / ``ms_to_sd`` dicts, the full-size ``shape`` and dtype
+class of every key, the optional keys and the dropped ones (with the reason and how
 ``ms-to-st`` restores them). The YAMLs are written by ``python -m sdxl_ckpt.keymaps.generate``; never by hand.
 """
 
@@ -19,12 +19,11 @@ KEYMAP_DIR = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class KeySpec:
-    """One SD tensor: its MindSpore name (None when dropped), full-size shape, axis symbols, float/int."""
+    """One SD tensor: its MindSpore name (None when dropped), full-size shape, float/int."""
 
     sd: str
     ms: str | None
     shape: tuple[int, ...]
-    dims: tuple[str, ...]
     dtype: str  # "float" | "int"
     required: bool = True
     restore: str | None = None  # dropped keys: how ms-to-st regenerates them ("arange")
@@ -75,7 +74,6 @@ def _spec(sd: str, fields: dict, section: str) -> KeySpec:
         sd=sd,
         ms=fields.get("ms"),
         shape=tuple(fields["shape"]),
-        dims=tuple(fields["dims"]),
         dtype=fields["dtype"],
         required=section == "keys",
         restore=fields.get("restore"),

@@ -73,11 +73,13 @@ def check_lists(
     torch_list: list[ListedKey],
     ms_list: list[ListedKey],
     shapes: Mapping[str, tuple[int, ...]],
-    keymap: Keymap,
+    skippable: Mapping[str, str],
     torch_path: object,
     ms_path: object,
 ) -> list[tuple[str | None, str]]:
-    """Every problem with a (torch, mindspore) list pair for an input with these SD key shapes: (key, message)."""
+    """Every problem with a (torch, mindspore) list pair for an input with these SD key shapes: (key, message).
+
+    ``skippable``: SD key -> why a list may leave it out (optional keys, keys that are no MindSpore parameter)."""
     problems: list[tuple[str | None, str]] = []
     if len(torch_list) != len(ms_list):
         problems.append(
@@ -107,8 +109,7 @@ def check_lists(
             problems.append(
                 (
                     t.name,
-                    f"line {t.line}: this key is not a MindSpore parameter (dropped: "
-                    f"{keymap.dropped.get(t.name) or _rule.why})",
+                    f"line {t.line}: this key is not a MindSpore parameter (dropped: {_rule.why})",
                 )
             )
         elif m.name != expected:
@@ -121,7 +122,6 @@ def check_lists(
                     f"{list(t.shape)} (SD -> MindSpore never reshapes)",
                 )
             )
-    skippable = set(keymap.dropped) | set(keymap.optional_sd)
     for name in shapes:
         if name not in covered and name not in skippable:
             problems.append((name, f"in the input but not in {torch_path}"))

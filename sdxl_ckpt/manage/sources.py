@@ -19,8 +19,10 @@ from sdxl_ckpt.formats.diffusers_folder import Component, read_component
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.safetensors_io import read_safetensors
 from sdxl_ckpt.formats.sniff import expect, sniff
-from sdxl_ckpt.keymaps import VARIANTS, load_keymap
+from sdxl_ckpt.keymaps import VARIANTS
 from sdxl_ckpt.keymaps.diffusers_plan import detect_architecture
+from sdxl_ckpt.keymaps.sd_ms import sd_to_ms_name
+from sdxl_ckpt.sdxl.architecture import sd_name
 from sdxl_ckpt.sdxl.components import DIFFUSERS_FOLDERS, component_of, partial_of
 from sdxl_ckpt.sdxl.detect import detect_variant
 
@@ -97,11 +99,15 @@ def _detect(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: 
 
 
 def _ms_to_sd(names: list[str], variant: str) -> dict[str, str]:
-    """MindSpore -> SD names through the variant's keymap (names the keymap lacks stay unmapped)."""
+    """MindSpore -> SD names by the rename rules (a name the rules would not give back stays unmapped)."""
     if variant == "unknown":
         return {}
-    table = load_keymap(variant).ms_to_sd
-    return {n: table[n] for n in names if n in table}
+    out = {}
+    for name in names:
+        sd = sd_name(name)
+        if sd_to_ms_name(sd)[0] == name:
+            out[name] = sd
+    return out
 
 
 def _from_tensors(

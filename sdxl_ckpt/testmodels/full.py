@@ -143,3 +143,32 @@ def build_full_model(
     write_scheduler(out)
     write_model_index(out, structure)
     return out
+
+
+def meta_sd_shapes(structure: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Ordered SD key -> (shape, dtype class) of the real classes built from ``configs`` on the meta device, their
+    keys mapped by the rule tables: what ``keymaps.expected`` must compute without torch."""
+    from sdxl_ckpt.keymaps.diffusers_sd import SD_PREFIXES, map_component_keys
+    from sdxl_ckpt.keymaps.expected import GENERATED_SHAPE, SD_ORDER
+    from sdxl_ckpt.keymaps.transforms import TRANSFORMS
+
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for component in SD_ORDER:
+        if component not in SD_PREFIXES[structure]:
+            continue
+        config = configs[component]
+        shapes = dict(saved_key_shapes(component, meta_model(component, config)))
+        shapes = {
+            k
+            if not component.startswith("text_encoder") or k.startswith(("text_model.", "text_projection"))
+            else "text_model." + k: v
+            for k, v in shapes.items()
+        }
+        mapped = map_component_keys(component, shapes, config, SD_PREFIXES[structure][component])
+        if mapped.unknown:
+            raise RuntimeError(f"{component}: diffusers keys no rule maps: {mapped.unknown[:5]}")
+        for target in mapped.targets:
+            out[target.name] = (TRANSFORMS[target.transform].shape([shapes[s] for s in target.sources]), "float")
+        for name, generator in mapped.generated:
+            out[name] = GENERATED_SHAPE[generator](config)
+    return out
