@@ -168,6 +168,7 @@ def component_configs(
             path=path,
         )
     scheduler = {"_class_name": "EulerDiscreteScheduler", **SCHEDULER_CONFIG}
+    scheduler["_diffusers_version"] = model_index("base")["_diffusers_version"]
     return configs, provenance, scheduler
 
 
