@@ -219,7 +219,9 @@ def test_variant_dtype_and_shards_load(tiny_base, tmp_path):
     index = json.loads((out / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").read_text())
     assert index["metadata"]["total_size"] == report["components"][0]["bytes"]
     assert all(r["dtypes"] == {"F16": r["written"]} for r in report["components"])
-    unet = UNet2DConditionModel.from_pretrained(out / "unet", variant="fp16", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(
+        out / "unet", variant="fp16", local_files_only=True, torch_dtype=torch.float16
+    )
     assert unet.dtype == torch.float16
     CLIPTextModelWithProjection.from_pretrained(out / "text_encoder_2", variant="fp16", local_files_only=True)
     # fp16 values: exactly the source's cast (every shard read through the index)
