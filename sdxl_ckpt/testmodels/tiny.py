@@ -87,6 +87,88 @@ def tiny_configs(variant: str) -> dict[str, dict[str, Any]]:
     return configs
 
 
+# --- tiny models whose proportions are not SDXL's: the converters must read widths from the weights -----------------
+
+_ODD_TEXT = {  # CLIP-L 32 wide (2 heads of 16), OpenCLIP 64 wide (4 heads), projection 48: no SDXL coincidence
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 80, "num_attention_heads": 2, "projection_dim": 32},
+    "text_encoder_2": {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "projection_dim": 48},
+}
+SHAPES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    # non-monotonic channels, a time embedding (100) equal to no channel count, odd head counts (1, 3, 2), depths
+    # that differ per level, added time ids 8 wide (48 + 6 x 8 = 96)
+    "odd": (
+        "base",
+        {
+            "unet": {
+                "block_out_channels": [32, 96, 64],
+                "attention_head_dim": [1, 3, 2],
+                "time_embedding_dim": 100,
+                "transformer_layers_per_block": [1, 2, 3],
+                "cross_attention_dim": 96,
+                "addition_time_embed_dim": 8,
+                "projection_class_embeddings_input_dim": 96,
+                "sample_size": 16,
+            },
+            "vae": {"block_out_channels": [32, 64, 96], "layers_per_block": 1, "sample_size": 64},
+            **_ODD_TEXT,
+        },
+    ),
+    # a refiner-structured model with 3-channel heads and conv (not linear) transformer projections
+    "odd-refiner": (
+        "refiner",
+        {
+            "unet": {
+                "block_out_channels": [32, 64, 96, 96],
+                "attention_head_dim": [2, 4, 3, 3],
+                "transformer_layers_per_block": 1,
+                "use_linear_projection": False,
+                "cross_attention_dim": 64,
+                "addition_time_embed_dim": 8,
+                "projection_class_embeddings_input_dim": 88,
+                "sample_size": 16,
+            },
+            "vae": {"block_out_channels": [32, 64], "latent_channels": 4, "sample_size": 32},
+            "text_encoder_2": _ODD_TEXT["text_encoder_2"],
+        },
+    ),
+    # SSD-1B's pattern: down depths [0, 0, 2, 2, 4, 4] (level 0 has none), up levels thinned, mid 4
+    "ssd-1b": (
+        "base",
+        {
+            "unet": {
+                "transformer_layers_per_block": [1, 2, 4],
+                "reverse_transformer_layers_per_block": [[4, 4, 4], [2, 2, 1], [1, 1, 1]],
+            }
+        },
+    ),
+    # Segmind Vega's pattern: down depths [0, 0, 1, 1, 2, 2]; one up transformer with no block at all (depth 0)
+    "vega": (
+        "base",
+        {
+            "unet": {
+                "transformer_layers_per_block": [1, 1, 2],
+                "reverse_transformer_layers_per_block": [[2, 2, 0], [1, 1, 0], [1, 1, 1]],
+            }
+        },
+    ),
+}
+
+
+def shape_configs(name: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(structure, component configs) of the tiny model ``name`` of ``SHAPES``: the tiny configs, overridden."""
+    if name not in SHAPES:
+        raise InputError(f"unknown tiny shape {name!r} (expected one of {', '.join(SHAPES)})")
+    structure, overrides = SHAPES[name]
+    configs = tiny_configs(structure)
+    for component, override in overrides.items():
+        configs[component].update(copy.deepcopy(override))
+    levels = len(configs["vae"]["block_out_channels"])  # the VAE's block types follow its level count
+    configs["vae"].update(
+        down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels
+    )
+    return structure, configs
+
+
 # --- random, non-trivial tiny weights -----------------------------------------------------------------------------
 
 
