@@ -419,7 +419,7 @@ def sd_to_diffusers_cmd(
     tokenizers: Optional[str] = typer.Option(  # noqa: UP045
         None, "--tokenizers", help="Copy tokenizer/ and tokenizer_2/ from this diffusers folder."
     ),
-    keys: str = typer.Option("auto", "--keys", help="MindSpore input: auto | base | refiner | lcm keymap."),
+    keys: str = typer.Option("auto", "--keys", help="auto | base | refiner | lcm (auto: from keys and metadata)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing pipeline folder."),
     json_out: Optional[str] = JSON_OUT,  # noqa: UP045
     quiet: bool = QUIET,

@@ -27,8 +27,9 @@ from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.keymaps.diffusers_sd import SD_PREFIXES
 from sdxl_ckpt.keymaps.sd_diffusers_plan import ComponentPlan, plan_component, split_components
-from sdxl_ckpt.sdxl.configs import SCHEDULER_CONFIG, model_index, structure_of
-from sdxl_ckpt.sdxl.detect import detect_variant
+from sdxl_ckpt.sdxl.architecture import METADATA, WEIGHTS, infer_architecture
+from sdxl_ckpt.sdxl.configs import VARIANTS, model_index, structure_of
+from sdxl_ckpt.sdxl.detect import Detection, detect_variant
 
 CONFIG_METADATA = "sdxl_ckpt.config."  # + component: its config.json text, written by diffusers-to-sd
 WEIGHT_BASENAME = {
@@ -49,6 +50,8 @@ SIZE_UNITS = {
     "KIB": 2**10,
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)?\s*", re.IGNORECASE)
+# an inferred config gets the class fields save_pretrained writes (diffusers' from_pretrained checks _class_name)
+CLASS_FIELDS = {"unet": {"_class_name": "UNet2DConditionModel"}, "vae": {"_class_name": "AutoencoderKL"}}
 TOKENIZER_HINT = (
     "copy {names} from the original diffusers model (e.g. stabilityai/stable-diffusion-xl-base-1.0) into the "
     "folder, or rerun with --tokenizers DIR; until then pass tokenizer objects to from_pretrained"
@@ -128,10 +131,13 @@ def read_sd_input(src: str | os.PathLike, keys: str = "auto") -> dict[str, Any]:
             "variant_reason": ms.detection.reason,
             "notes": [ms.detection.note] if ms.detection.note else [],
         }
-    if keys != "auto":
-        raise InputError("--keys applies to MindSpore inputs only (an SD file's variant comes from its keys)")
     entries = header.by_name()
-    detection = detect_variant({n: e.shape for n, e in entries.items()}, header.metadata, path=src)
+    if keys == "auto":
+        detection = detect_variant({n: e.shape for n, e in entries.items()}, header.metadata, path=src)
+    elif keys in VARIANTS:
+        detection = Detection(keys, "--keys")
+    else:
+        raise InputError(f"--keys must be one of auto, {', '.join(VARIANTS)}, not {keys!r}")
     return {
         "kind": "sd",
         "entries": entries,
@@ -144,32 +150,40 @@ def read_sd_input(src: str | os.PathLike, keys: str = "auto") -> dict[str, Any]:
 
 def component_configs(
     structure: str, metadata: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]], path: object
-) -> tuple[dict[str, dict[str, Any]], dict[str, str], dict[str, Any]]:
-    """(config per component, where each came from, scheduler config): metadata first, else the architecture."""
+) -> tuple[dict[str, dict[str, Any]], dict[str, str], dict[str, Any], dict[str, str]]:
+    """(config per component, where each came from, scheduler config).
+
+    A component's config is the ``sdxl_ckpt.config.<component>`` metadata ``diffusers-to-sd`` writes when the file
+    has it (the original config.json), else the architecture inferred from the weights; the plan then checks
+    every tensor's name and shape against the config either way. The scheduler is the variant's.
+    """
+    architecture = infer_architecture(shapes, metadata, path=path)
+    guessed = {k: v for k, v in architecture.provenance.items() if v not in (WEIGHTS, METADATA)}
+    if architecture.structure != structure:
+        raise InputError(f"keys say SDXL {structure}, the weights' layout says {architecture.structure}", path=path)
     configs: dict[str, dict[str, Any]] = {}
     provenance: dict[str, str] = {}
+    guesses: dict[str, str] = {}
     for name in SD_PREFIXES[structure]:
         text = metadata.get(CONFIG_METADATA + name)
-        if text is None:
-            continue
-        try:
-            config = json.loads(text)
-        except json.JSONDecodeError:
-            raise CorruptFileError(f"metadata {CONFIG_METADATA}{name} is not valid JSON", path=path) from None
-        if not isinstance(config, dict):
-            raise CorruptFileError(f"metadata {CONFIG_METADATA}{name} is not a JSON object", path=path)
-        configs[name] = config
-        provenance[name] = f"metadata {CONFIG_METADATA}{name}"
-    missing = [n for n in SD_PREFIXES[structure] if n not in configs]
-    if missing:
-        raise InputError(
-            f"no {CONFIG_METADATA}* metadata for {', '.join(missing)} (the file was not written by "
-            "diffusers-to-sd) and configs cannot be inferred from the weights in this version",
-            path=path,
-        )
-    scheduler = {"_class_name": "EulerDiscreteScheduler", **SCHEDULER_CONFIG}
-    scheduler["_diffusers_version"] = model_index("base")["_diffusers_version"]
-    return configs, provenance, scheduler
+        if text is not None:
+            try:
+                config = json.loads(text)
+            except json.JSONDecodeError:
+                raise CorruptFileError(f"metadata {CONFIG_METADATA}{name} is not valid JSON", path=path) from None
+            if not isinstance(config, dict):
+                raise CorruptFileError(f"metadata {CONFIG_METADATA}{name} is not a JSON object", path=path)
+            configs[name] = config
+            provenance[name] = f"metadata {CONFIG_METADATA}{name}"
+        elif name in architecture.configs:
+            configs[name] = {**CLASS_FIELDS.get(name, {}), **architecture.configs[name]}
+            provenance[name] = "inferred from the weights"
+            guesses |= {k: v for k, v in guessed.items() if k.startswith(name + ".")}
+        else:
+            raise InputError(f"no {name} weights (expected keys under {SD_PREFIXES[structure][name]!r})", path=path)
+    scheduler = {"_class_name": "EulerDiscreteScheduler", **architecture.scheduler}
+    scheduler.setdefault("_diffusers_version", model_index("base")["_diffusers_version"])
+    return configs, provenance, scheduler, guesses
 
 
 # --- output -----------------------------------------------------------------------------------------------------
@@ -249,7 +263,7 @@ def convert_sd_to_diffusers(
     structure = structure_of(model_variant)
     tokenizer_dir = _check_tokenizers(tokenizers, structure)
     shapes = {n: e.shape for n, e in entries.items()}
-    configs, provenance, scheduler = component_configs(structure, metadata, shapes, src)
+    configs, provenance, scheduler, guesses = component_configs(structure, metadata, shapes, src)
     requested = DTYPE_CHOICES[dtype]
     groups = split_components(entries, structure, src)
     plans = [plan_component(n, groups[n], configs[n], structure, requested, src) for n in SD_PREFIXES[structure]]
@@ -284,6 +298,7 @@ def convert_sd_to_diffusers(
         "variant_reason": source["variant_reason"],
         "pipeline": index["_class_name"],
         "configs": provenance,
+        "config_guesses": guesses,
         "scheduler": scheduler["_class_name"],
         "dtype": dtype,
         "weights_variant": variant,
@@ -319,13 +334,19 @@ def render_report(report: Mapping[str, Any]) -> str:
     configs = sorted(set(report["configs"].values()))
     lines = [
         f"{report['source']} -> {report['output']}  [{report['variant']}: {report['variant_reason']}]",
-        f"{report['pipeline']}, scheduler {report['scheduler']}, dtype {report['dtype']}; configs from "
-        + ("metadata sdxl_ckpt.config.*" if all(c.startswith("metadata") for c in configs) else ", ".join(configs)),
+        f"{report['pipeline']}, scheduler {report['scheduler']}, dtype {report['dtype']}; configs: "
+        + ("metadata sdxl_ckpt.config.*" if all(c.startswith("metadata") for c in configs) else "; ".join(configs)),
         render_table(rows),
     ]
     for d in report["dropped"]:
         lines.append(f"dropped {d['component']}:{d['key']}: {d['reason']}")
     lines += [f"note: {n}" for n in report["notes"]]
+    if report["config_guesses"]:
+        fields = sorted({k.split(".", 1)[1] for k in report["config_guesses"]})
+        lines.append(
+            f"note: {len(report['config_guesses'])} config fields are not in the weights and took the SDXL "
+            f"convention ({', '.join(fields[:6])}{', ...' if len(fields) > 6 else ''}; see --json config_guesses)"
+        )
     lines.append(
         f"{report['tensors_in']} SD tensors -> {report['tensors']} diffusers tensors, "
         f"{human_bytes(report['bytes'])} in {report['seconds']:.2f} s"

@@ -21,6 +21,7 @@ from sdxl_ckpt.errors import KeyMismatchError
 from sdxl_ckpt.formats.dtypes import cast_array, target_dtype
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.keymaps.diffusers_sd import SD_PREFIXES
+from sdxl_ckpt.keymaps.expected import diffusers_shapes
 from sdxl_ckpt.keymaps.sd_diffusers import SourceOf, map_sd_keys
 from sdxl_ckpt.keymaps.transforms import TRANSFORMS
 
@@ -95,6 +96,28 @@ def _entries_of(source: SourceOf, entry: TensorEntry, requested: str | None, pat
     return out
 
 
+def _in_model_order(
+    name: str, entries: list[TensorEntry], expected: Mapping[str, tuple[int, ...]], path: object
+) -> list[TensorEntry]:
+    """The entries in the order the diffusers / transformers class registers its parameters (``state_dict`` order,
+    which save_pretrained shards by), after checking that they are exactly that class's parameters and shapes."""
+    by_name = {e.name: e for e in entries}
+    absent = [k for k in expected if k not in by_name]
+    extra = [k for k in by_name if k not in expected]
+    wrong = [k for k in expected if k in by_name and by_name[k].shape != tuple(expected[k])]
+    if absent or extra or wrong:
+        key = (wrong or absent or extra)[0]
+        what = (
+            f"shape {list(by_name[key].shape)} where the {name} config gives {list(expected[key])}"
+            if wrong
+            else ("missing: the config needs it" if absent else "not a parameter of the model the config describes")
+        )
+        count = len(absent) + len(extra) + len(wrong)
+        more = f" ({count - 1} more problems)" if count > 1 else ""
+        raise KeyMismatchError(f"{name}: {what}{more}", path=path, key=key)
+    return [by_name[k] for k in expected]
+
+
 def plan_component(
     name: str,
     sd_entries: Mapping[str, TensorEntry],
@@ -119,6 +142,7 @@ def plan_component(
             f"incomplete {name}: the SD file lacks this key{more}", path=path, key=inverse.missing[0]
         )
     entries = [e for source in inverse.targets for e in _entries_of(source, sd_entries[source.sd], requested, path)]
+    entries = _in_model_order(name, entries, diffusers_shapes(name, config), path)
     dropped = [{"component": name, "key": k, "reason": r} for k, r in inverse.dropped.items()]
     row = {
         "component": name,
