@@ -252,7 +252,7 @@ def test_cli_json_quiet_and_refusals(tiny_base, tmp_path, capsys):
     assert main(["sd-to-diffusers", str(tmp_path / "nothing.safetensors"), "-o", str(tmp_path / "x"), "-q"]) == 2
     assert main(["sd-to-diffusers", str(sd), "-o", str(tmp_path / "x"), "--tokenizers", str(tmp_path), "-q"]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 2 and "Traceback" not in err
+    assert err.count("error:") == 3 and err.count("\n") == 3 and "Traceback" not in err
     assert not (tmp_path / "x").exists()
 
 
@@ -317,3 +317,49 @@ def test_no_torch_needed(tiny_base, tmp_path):
     result = run_without_torch("sd-to-diffusers", str(sd), "-o", str(tmp_path / "out"), "-q")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def test_ckpt_equals_ckpt_to_sd_to_diffusers(tiny_base, tmp_path):
+    """A MindSpore ckpt (no metadata: configs inferred) gives the folder ms-to-st + sd-to-diffusers gives."""
+    from sdxl_ckpt.convert.sd_ms import ms_to_st
+
+    sd = _sd_file("base", tiny_base, tmp_path / "base.safetensors")
+    ckpt, again = tmp_path / "base.ckpt", tmp_path / "again.safetensors"
+    st_to_ms(sd, ckpt)
+    ms_to_st(ckpt, again)
+    direct, via_sd = tmp_path / "direct", tmp_path / "via_sd"
+    report = convert_sd_to_diffusers(ckpt, direct)
+    convert_sd_to_diffusers(again, via_sd)
+    assert report["input"] == "mindspore" and set(report["configs"].values()) == {"inferred from the weights"}
+    _assert_same_tensors({c: via_sd / c for c in COMPONENTS["base"]}, direct)
+    _assert_same_tensors(_component_dirs("base", tiny_base), direct)  # and both equal the original folder
+    for name in (*COMPONENTS["base"], "scheduler"):
+        for path in (via_sd / name).glob("*.json"):
+            assert (direct / name / path.name).read_text() == path.read_text(), (name, path.name)
+    assert (direct / "model_index.json").read_text() == (via_sd / "model_index.json").read_text()
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner", "lcm"])
+def test_without_metadata_configs_are_inferred(kind, tiny_base, tiny_refiner, tiny_lcm_cond_proj, tmp_path):
+    """The metadata stripped: configs come from the weights, the folder loads and holds the original tensors."""
+    folder = {"base": tiny_base, "refiner": tiny_refiner, "lcm": tiny_lcm_cond_proj}[kind]
+    sd = _sd_file(kind, folder, tmp_path / "model.safetensors")
+    bare = _rewrite(sd, tmp_path / "bare.safetensors", metadata=False)
+    assert not read_safetensors(bare).metadata
+    out = tmp_path / "out"
+    report = convert_sd_to_diffusers(bare, out, tokenizers=folder)
+    assert report["variant"] == kind and set(report["configs"].values()) == {"inferred from the weights"}
+    assert report["config_guesses"]
+    _assert_same_tensors(_component_dirs(kind, folder), out)
+    original = json.loads((_component_dirs(kind, folder)["unet"] / "config.json").read_text())
+    inferred = json.loads((out / "unet" / "config.json").read_text())
+    for field in (
+        "block_out_channels",
+        "down_block_types",
+        "up_block_types",
+        "cross_attention_dim",
+        "layers_per_block",
+    ):
+        assert inferred[field] == original[field], field
+    assert inferred.get("time_cond_proj_dim") == original.get("time_cond_proj_dim")
+    _load_everything(out, kind)
