@@ -150,6 +150,9 @@ def test_round_trip_bit_exact_and_loadable(kind, tiny_base, tiny_refiner, tiny_l
     report = convert_sd_to_diffusers(sd, out, tokenizers=folder)
     assert report["variant"] == kind
     _assert_same_tensors(_component_dirs(kind, folder), out)
+    for name, original in _component_dirs(kind, folder).items():  # same tensors, order and header: same bytes
+        [weights] = original.glob("*.safetensors")
+        assert (out / name / weights.name).read_bytes() == weights.read_bytes(), name
     expected_files = set(COMPONENTS["refiner" if kind == "refiner" else "base"]) | {"scheduler", "model_index.json"}
     assert {p.name for p in out.iterdir()} == expected_files | {"tokenizer_2"} | (
         set() if kind == "refiner" else {"tokenizer"}
