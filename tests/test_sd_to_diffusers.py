@@ -366,3 +366,47 @@ def test_without_metadata_configs_are_inferred(kind, tiny_base, tiny_refiner, ti
         assert inferred[field] == original[field], field
     assert inferred.get("time_cond_proj_dim") == original.get("time_cond_proj_dim")
     _load_everything(out, kind)
+
+
+def _build_shape_model(name: str, out: Path) -> tuple[str, Path]:
+    """A pipeline folder of the tiny proportions ``name`` (testmodels.tiny.SHAPES), saved by the real classes with
+    every parameter perturbed (so that a swapped tensor would show)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdxl_ckpt.sdxl.tokenizers import write_tokenizers
+    from sdxl_ckpt.testmodels.common import text_config, write_model_index, write_scheduler
+    from sdxl_ckpt.testmodels.tiny import shape_configs
+
+    structure, configs = shape_configs(name)
+    gen = torch.Generator().manual_seed(0)
+    for component, config in configs.items():
+        if component in ("unet", "vae"):
+            model = (UNet2DConditionModel if component == "unet" else AutoencoderKL).from_config(config)
+        else:
+            cls = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
+            model = cls(text_config(config))
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+        model.save_pretrained(out / component)
+    write_tokenizers(out, structure)
+    write_scheduler(out)
+    write_model_index(out, structure)
+    return structure, out
+
+
+@pytest.mark.parametrize("shape", ["odd", "odd-refiner", "ssd-1b", "vega"])
+def test_odd_proportions_round_trip(shape, tmp_path):
+    """Models whose proportions are not SDXL's (per-level depths, depth-0 transformers, conv projections, odd
+    widths): back bit for bit with the metadata, and with it stripped (configs inferred) the folder loads."""
+    structure, folder = _build_shape_model(shape, tmp_path / "pipe")
+    sd = _sd_file(structure, folder, tmp_path / "model.safetensors")
+    with_metadata = tmp_path / "with_metadata"
+    convert_sd_to_diffusers(sd, with_metadata)
+    _assert_same_tensors(_component_dirs(structure, folder), with_metadata)
+    bare, inferred = _rewrite(sd, tmp_path / "bare.safetensors", metadata=False), tmp_path / "inferred"
+    convert_sd_to_diffusers(bare, inferred, tokenizers=folder)
+    _assert_same_tensors(_component_dirs(structure, folder), inferred)
+    _load_everything(inferred, structure)

@@ -343,29 +343,13 @@ def sd_metadata(keymap: Keymap, src: Path) -> dict[str, str]:
     }
 
 
-@dataclass
-class MindSporeInput:
-    """A MindSpore file checked against its keymap: ``sd_entries`` maps each SD name to the file's (MindSpore-named)
-    entry; ``extra`` holds reader facts for the report (records, crc)."""
-
-    keymap: Keymap
-    detection: Detection
-    check: Check
-    sd_entries: dict[str, TensorEntry]
-    metadata: dict[str, str]
-    extra: dict[str, Any]
-
-    def restorable(self) -> list[tuple[KeySpec, TensorEntry]]:
-        """The SD keys MindSpore does not store but the SD layout has (``position_ids``), regenerated."""
-        return [
-            (spec, _restore(spec, self.check.bindings))
-            for spec in self.keymap.specs
-            if spec.ms is None and spec.restore
-        ]
-
-
-def read_mindspore(src: Path, keys: str = "auto") -> MindSporeInput:
-    """Read a MindSpore ckpt (or MindSpore-named safetensors) under SD names, every problem raised before any write."""
+def ms_to_st(
+    src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "auto", overwrite: bool = False, quiet: bool = True
+) -> dict[str, Any]:
+    """MindSpore ckpt (or MindSpore-named safetensors) -> SD safetensors, record by record; returns the report."""
+    started = time.monotonic()
+    src, out = Path(src), Path(out)
+    check_output(out, overwrite)
     entries, metadata, extra = _read_ms(src)
     ms_shapes = {e.name: e.shape for e in entries}
     keymap, detection = _choose_keymap(keys, ms_shapes, metadata, src)
@@ -384,26 +368,13 @@ def read_mindspore(src: Path, keys: str = "auto") -> MindSporeInput:
         {n: e.shape for n, e in sd_entries.items()}, {n: e.dtype for n, e in sd_entries.items()}, keymap
     )
     raise_problems(problems + [(keymap.sd_to_ms.get(k, k) if k else k, m) for k, m in check.problems], src)
-    return MindSporeInput(keymap, detection, check, sd_entries, metadata, extra)
-
-
-def ms_to_st(
-    src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "auto", overwrite: bool = False, quiet: bool = True
-) -> dict[str, Any]:
-    """MindSpore ckpt (or MindSpore-named safetensors) -> SD safetensors, record by record; returns the report."""
-    started = time.monotonic()
-    src, out = Path(src), Path(out)
-    check_output(out, overwrite)
-    ms = read_mindspore(src, keys)
-    keymap, detection, check, sd_entries, extra = ms.keymap, ms.detection, ms.check, ms.sd_entries, ms.extra
-    restorable = dict((spec.sd, entry) for spec, entry in ms.restorable())
 
     with _Hasher() as hasher:
         planned, restored = [], {}
         for spec in keymap.specs:
             if spec.ms is None:
-                if spec.sd in restorable:
-                    planned.append(hasher.wrap(restorable[spec.sd], spec.sd, "I64"))
+                if spec.restore:
+                    planned.append(hasher.wrap(_restore(spec, check.bindings), spec.sd, "I64"))
                     restored[spec.sd] = spec.why
                 continue
             entry = sd_entries.get(spec.sd)

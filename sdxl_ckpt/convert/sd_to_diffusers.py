@@ -10,7 +10,6 @@ into place when complete (``formats.atomic_folder``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sdxl_ckpt.convert.ms_input import read_mindspore_as_sd
 from sdxl_ckpt.errors import CorruptFileError, InputError
 from sdxl_ckpt.formats.atomic_folder import atomic_folder, check_output_folder
 from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES
@@ -118,18 +118,17 @@ def read_sd_input(src: str | os.PathLike, keys: str = "auto") -> dict[str, Any]:
     src = Path(src)
     header = None if src.suffix == ".ckpt" else read_safetensors(src)
     if _is_mindspore(src, header.metadata if header else None):
-        from sdxl_ckpt.convert.sd_ms import read_mindspore
-
-        ms = read_mindspore(src, keys)
-        entries = {sd: dataclasses.replace(e, name=sd) for sd, e in ms.sd_entries.items()}
-        entries |= {spec.sd: e for spec, e in ms.restorable()}
+        ms = read_mindspore_as_sd(src, keys)
+        notes = [ms.detection.note] if ms.detection.note else []
+        if ms.records is not None:
+            notes.append(f"{ms.records} ckpt records" + ("; crc verified" if ms.crc_checked else ""))
         return {
             "kind": "mindspore",
-            "entries": entries,
+            "entries": ms.entries,
             "metadata": ms.metadata,
-            "variant": ms.keymap.variant,
+            "variant": ms.detection.variant,
             "variant_reason": ms.detection.reason,
-            "notes": [ms.detection.note] if ms.detection.note else [],
+            "notes": notes,
         }
     entries = header.by_name()
     if keys == "auto":
