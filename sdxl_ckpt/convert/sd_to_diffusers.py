@@ -1,7 +1,7 @@
 """SD single file or MindSpore ckpt -> diffusers SDXL pipeline folder, streamed, through the rule tables backwards.
 
-Composition: the input under SD names (``safetensors_io`` header, or ``sd_ms.read_mindspore`` for MindSpore
-names) -> the component configs (the ``sdxl_ckpt.config.*`` metadata ``diffusers-to-sd`` writes, else the
+Composition: the input under SD names (``safetensors_io`` header, or ``ms_input.read_mindspore_as_sd`` for
+MindSpore names) -> the component configs (the ``sdxl_ckpt.config.*`` metadata ``diffusers-to-sd`` writes, else the
 architecture inferred from the weights) -> ``keymaps.sd_diffusers_plan`` (names, inverse transforms, casts,
 all checked before writing) -> one ``write_safetensors`` per weight file (shards in diffusers' convention),
 configs, scheduler, ``model_index.json`` and optional tokenizers, all inside a hidden folder that is renamed
@@ -150,7 +150,7 @@ def read_sd_input(src: str | os.PathLike, keys: str = "auto") -> dict[str, Any]:
 def component_configs(
     structure: str, metadata: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]], path: object
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str], dict[str, Any], dict[str, str]]:
-    """(config per component, where each came from, scheduler config).
+    """(config per component, where each came from, scheduler config, inferred fields the weights left open).
 
     A component's config is the ``sdxl_ckpt.config.<component>`` metadata ``diffusers-to-sd`` writes when the file
     has it (the original config.json), else the architecture inferred from the weights; the plan then checks
@@ -268,7 +268,7 @@ def convert_sd_to_diffusers(
     plans = [plan_component(n, groups[n], configs[n], structure, requested, src) for n in SD_PREFIXES[structure]]
 
     notes = list(source["notes"])
-    if variant == "fp16" and any(d != "F16" for p in plans for d in p.row["dtypes"] if d in ("F32", "BF16", "F64")):
+    if variant == "fp16" and any(d in ("F32", "BF16", "F64") for p in plans for d in p.row["dtypes"]):
         notes.append("--variant fp16 names the files only; the weights are not all fp16 (add --dtype fp16)")
     index = model_index(model_variant)
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
