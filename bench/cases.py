@@ -103,6 +103,17 @@ CASES: tuple[Case, ...] = (
         reference="copy_sd",
     ),
     Case(
+        "sd_to_diffusers",
+        "sd-to-diffusers (fp16 keep, --variant fp16)",
+        "sd",
+        "convert",
+        "diffusers_back",
+        lambda i, o: commands.sd_to_diffusers(i.sd, o),
+        needs="sd-to-diffusers",
+        reference="copy_sd",
+        target_rss=int(0.5 * GB),
+    ),
+    Case(
         "copy_ckpt",
         "plain copy: MindSpore ckpt",
         "ckpt",

@@ -44,6 +44,11 @@ def st_to_ms(src: Path, out: Path, dtype: str) -> list[str]:
     return [*cli(), "st-to-ms", str(src), "--output", str(out), "--dtype", dtype, "--quiet"]
 
 
+def sd_to_diffusers(src: Path, out: Path) -> list[str]:
+    """The SD file back to a diffusers folder (a folder output: the bench measures and deletes it whole)."""
+    return [*cli(), "sd-to-diffusers", str(src), "--output", str(out), "--variant", "fp16", "--quiet"]
+
+
 def ms_to_st(src: Path, out: Path) -> list[str]:
     return [*cli(), "ms-to-st", str(src), "--output", str(out), "--quiet"]
 

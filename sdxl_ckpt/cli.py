@@ -422,6 +422,47 @@ def diff_cmd(
     return 0 if report["identical"] else 1
 
 
+# --- sd-to-diffusers ---
+
+
+@app.command("sd-to-diffusers")
+def sd_to_diffusers_cmd(
+    src: str = typer.Argument(..., help="SD single-file .safetensors, or MindSpore .ckpt (MindSpore names)."),
+    output: str = typer.Option(..., "--output", "-o", help="diffusers pipeline folder to write."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Name weights *.VARIANT.safetensors (e.g. fp16)."),  # noqa: UP045
+    dtype: str = typer.Option("keep", "--dtype", help="keep | fp16 | fp32 | bf16: cast floating tensors only."),
+    max_shard_size: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--max-shard-size", help="Shard weights as save_pretrained does (e.g. 5GB), with the index json."
+    ),
+    tokenizers: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--tokenizers", help="Copy tokenizer/ and tokenizer_2/ from this diffusers folder."
+    ),
+    keys: str = typer.Option("auto", "--keys", help="auto | base | refiner | lcm (auto: from keys and metadata)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing pipeline folder."),
+    json_out: Optional[str] = JSON_OUT,  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """SD file or MindSpore ckpt -> diffusers SDXL folder (unet, vae, text encoders, scheduler), streaming."""
+    from sdxl_ckpt.convert.sd_to_diffusers import convert_sd_to_diffusers, render_report
+    from sdxl_ckpt.report import write_json
+
+    report = convert_sd_to_diffusers(
+        src,
+        output,
+        variant=variant,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        tokenizers=tokenizers,
+        keys=keys,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    if json_out != "-":
+        print(render_report(report))
+    write_json(report, json_out)
+    return 0
+
+
 class _Interrupted(BaseException):
     """A stop signal, raised past Typer: Typer turns a KeyboardInterrupt into a silent exit 130, and the user must
     be told. SIGTERM (timeout, schedulers) and SIGHUP (a dropped ssh) unwind the same way as Ctrl-C, so every

@@ -72,6 +72,7 @@ def test_command_lines_use_existing_options(tmp_path):
         commands.diffusers_to_sd(p, p, "fp16"),
         commands.st_to_ms(p, p, "fp32"),
         commands.ms_to_st(p, p),
+        commands.sd_to_diffusers(p, p),
         commands.reference(p, p, "full"),
         commands.verify(p, p, p),
     ]

@@ -202,30 +202,72 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         raise
 
 
-@contextmanager
-def atomic_output_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
-    """Yield an empty hidden folder beside ``path``; on normal exit it is renamed to ``path``, else removed.
-
-    ``replace``: an existing ``path`` is removed just before the rename (the caller has decided it may go).
-    An interrupted build therefore never leaves a half-written folder under the requested name.
-    """
+def check_output_dir(
+    path: str | os.PathLike,
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    marker: str = "model_index.json",
+) -> Path:
+    """Fail early (before any work) for an output FOLDER: an input, a file, or a non-empty folder without
+    ``overwrite``; with it, only a folder holding ``marker`` is replaced, so a mistyped ``-o`` cannot wipe
+    unrelated files. Leftover partial folders of killed runs are removed (with a note)."""
     out = Path(path)
+    check_not_an_input(out, inputs)
+    _check_dir_target(out, overwrite, marker)
+    remove_leftovers(out)
+    return out
+
+
+def _check_dir_target(out: Path, overwrite: bool, marker: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError("output exists and is not a folder", path=out)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExistsError("output folder exists and is not empty; pass --overwrite to replace it", path=out)
+        if not (out / marker).is_file():
+            raise OutputExistsError(f"output folder has no {marker}; refusing to replace it", path=out)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise OutputWriteError("output folder does not exist", path=parent)
-    remove_leftovers(out)
+        raise OutputWriteError("output's parent folder does not exist", path=parent)
+    if not os.access(parent, os.W_OK):
+        raise OutputWriteError("output's parent folder is not writable", path=parent)
+
+
+def _put_folder(tmp: Path, out: Path, overwrite: bool, marker: str) -> None:
+    """Put ``tmp`` at ``out``; an existing (re-checked) folder is moved aside and deleted after the rename."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    _check_dir_target(out, overwrite, marker)  # it may have changed while we worked
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.rename(out, old / out.name)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=PARTIAL_SUFFIX, dir=parent))
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / out.name, out)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_dir(
+    path: str | os.PathLike, overwrite: bool = False, marker: str = "model_index.json"
+) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``path``; on normal exit it becomes ``path``, else it is removed.
+
+    A pipeline folder is many files: an interrupted build never leaves a half-written folder under the final
+    name (the rename within one file system is atomic).
+    """
+    out = check_output_dir(path, overwrite, marker=marker)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=PARTIAL_SUFFIX, dir=out.parent))
     except OSError as exc:
-        raise OutputWriteError(f"cannot create a folder here: {exc.strerror}", path=parent) from None
+        raise OutputWriteError(f"cannot create a folder here: {exc.strerror}", path=out.parent) from None
     try:
         _default_mode(tmp, 0o777)
         yield tmp
-        if out.is_dir() and (replace or not any(out.iterdir())):
-            shutil.rmtree(out)
-        elif out.exists():
-            raise OutputExistsError("output appeared while writing; not replaced", path=out)
-        os.replace(tmp, out)
+        _put_folder(tmp, out, overwrite, marker)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in _WRITE_ERRNOS:

@@ -25,6 +25,8 @@ class Transform:
     """How a group of diffusers tensors becomes one SD tensor, and back.
 
     ``accepts`` tells whether the source shapes fit (checked while planning, before anything is written);
+    ``inverse_shape`` gives the diffusers shapes one SD tensor splits into, or None when the SD shape cannot be an
+    output of this transform (the way back checks it while planning, as ``accepts`` does on the way there);
     ``byte_preserving``: the SD tensor holds exactly the source bytes, so a writer may copy them unchanged.
     """
 
@@ -34,12 +36,19 @@ class Transform:
     shape: Callable[[Sequence[Shape]], Shape]
     forward: Callable[[list[np.ndarray]], np.ndarray]
     inverse: Callable[[np.ndarray], list[np.ndarray]]
+    inverse_shape: Callable[[Shape], list[Shape] | None]
     byte_preserving: bool
     needs: str = ""  # what ``accepts`` demands, for the error message
 
 
 def _split3(array: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(part) for part in np.split(array, 3, axis=0)]
+
+
+def _split3_shape(shape: Shape) -> list[Shape] | None:
+    if not shape or shape[0] % 3:
+        return None
+    return [(shape[0] // 3, *shape[1:])] * 3
 
 
 TRANSFORMS: dict[str, Transform] = {
@@ -52,6 +61,7 @@ TRANSFORMS: dict[str, Transform] = {
             shape=lambda shapes: shapes[0],
             forward=lambda arrays: arrays[0],
             inverse=lambda array: [array],
+            inverse_shape=lambda shape: [shape],
             byte_preserving=True,
         ),
         Transform(
@@ -61,6 +71,7 @@ TRANSFORMS: dict[str, Transform] = {
             shape=lambda shapes: (shapes[0][1], shapes[0][0]),
             forward=lambda arrays: np.ascontiguousarray(arrays[0].T),
             inverse=lambda array: [np.ascontiguousarray(array.T)],
+            inverse_shape=lambda shape: [(shape[1], shape[0])] if len(shape) == 2 else None,
             byte_preserving=False,
             needs="a 2-D matrix",
         ),
@@ -71,6 +82,7 @@ TRANSFORMS: dict[str, Transform] = {
             shape=lambda shapes: (*shapes[0], 1, 1),
             forward=lambda arrays: arrays[0].reshape(*arrays[0].shape, 1, 1),
             inverse=lambda array: [array.reshape(array.shape[:2])],
+            inverse_shape=lambda shape: [shape[:2]] if len(shape) == 4 and shape[2:] == (1, 1) else None,
             byte_preserving=True,
             needs="a 2-D matrix",
         ),
@@ -81,6 +93,7 @@ TRANSFORMS: dict[str, Transform] = {
             shape=lambda shapes: (sum(s[0] for s in shapes), *shapes[0][1:]),
             forward=lambda arrays: np.concatenate(arrays, axis=0),
             inverse=_split3,
+            inverse_shape=_split3_shape,
             byte_preserving=False,
             needs="q, k, v of one shape, not scalars",
         ),

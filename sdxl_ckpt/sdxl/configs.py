@@ -171,8 +171,12 @@ def full_configs(variant: str) -> dict[str, dict[str, Any]]:
 
 def model_index(variant: str) -> dict[str, Any]:
     """model_index.json as in the official repos (base/lcm: txt2img pipeline; refiner: img2img, one encoder)."""
-    from diffusers import __version__ as diffusers_version
+    from importlib import metadata
 
+    try:  # read without importing diffusers: conversions run where torch is absent
+        diffusers_version = metadata.version("diffusers")
+    except metadata.PackageNotFoundError:
+        diffusers_version = "0.30.0"  # the oldest diffusers this project supports
     common = {
         "_diffusers_version": diffusers_version,
         "add_watermarker": None,

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sdxl_ckpt.errors import InputError, OutputExistsError
-from sdxl_ckpt.formats.atomic import atomic_output_dir
+from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.formats.atomic import atomic_output_dir, check_output_dir
 from sdxl_ckpt.formats.diffusers_folder import with_text_model_level
 from sdxl_ckpt.sdxl.configs import full_configs, structure_of
 from sdxl_ckpt.sdxl.tokenizers import BYTE_LEVEL_VOCAB_SIZE, write_tokenizers
@@ -324,24 +324,6 @@ def _library_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing non-empty folder unless ``overwrite``; with it, only replace a pipeline folder.
-
-    A folder without model_index.json is never emptied, so a mistyped ``-o`` cannot wipe unrelated files.
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError("exists and is not a folder", path=out)
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError("folder exists and is not empty (use --overwrite)", path=out)
-        if not (out / "model_index.json").is_file():
-            raise OutputExistsError(
-                "not a diffusers pipeline folder (no model_index.json); refusing to replace it", path=out
-            )
-    return out
-
-
 def build_model_cli(
     variant: str,
     out_dir: str | Path,
@@ -357,9 +339,9 @@ def build_model_cli(
     structure_of(variant)
     if full and cond_proj:
         raise InputError("--cond-proj is not available with --full")
-    out = prepare_output_dir(out_dir, overwrite)
+    out = check_output_dir(out_dir, overwrite)
     # built in a hidden folder beside ``out`` and renamed into place: an interrupted build leaves nothing there
-    with atomic_output_dir(out, replace=True) as tmp:
+    with atomic_output_dir(out, overwrite) as tmp:
         if full:
             from sdxl_ckpt.testmodels.full import build_full_model
 
