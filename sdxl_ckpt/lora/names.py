@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.keymaps import load_keymap
 from sdxl_ckpt.keymaps.diffusers_sd import QKV_ORDER, SD_PREFIXES, component_rules
 from sdxl_ckpt.sdxl.configs import full_configs
 
@@ -147,13 +148,15 @@ def _underscored(name: str) -> str:
 
 @cache
 def module_index(structure: str) -> ModuleIndex:
-    """The index of ``structure`` (base or refiner; LCM is base), from the full-size configs and the rule tables.
+    """The index of ``structure`` (base or refiner; LCM is base): the rule tables' keys for the full-size configs
+    that the structure's keymap holds (so a rule's optional tensor, e.g. a shortcut conv, only where it exists).
 
     The tiny test models keep every block, depth and layer count of the real ones, so their names are the same.
     """
     if structure not in STRUCTURES:
         raise InputError(f"unknown structure {structure!r} (expected base or refiner)")
     configs = full_configs(structure)
+    present = set(load_keymap(structure).by_sd)  # the rules accept optional tensors the architecture may lack
     index = ModuleIndex(structure)
     for component in LORA_COMPONENTS:
         prefix = SD_PREFIXES[structure].get(component)
@@ -167,10 +170,9 @@ def module_index(structure: str) -> ModuleIndex:
                     continue  # biases and embedding tables are no LoRA targets
                 match = rule.regex.fullmatch(key)
                 part = QKV_ORDER.index(match.group("qkv")) if rule.transform == "concat_qkv" else None
-                module = Module(
-                    component, key.removesuffix(".weight"), match.expand(rule.replacement), rule.transform, part
-                )
-                _register(index, module)
+                sd_key = match.expand(rule.replacement)
+                if sd_key in present:
+                    _register(index, Module(component, key.removesuffix(".weight"), sd_key, rule.transform, part))
     return index
 
 

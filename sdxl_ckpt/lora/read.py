@@ -255,7 +255,7 @@ def read_lora(
                 [e.name for e in parts.values()],
             )
         )
-    if not groups:
+    if not groups and strict:
         raise InputError(f"no LoRA module of an SDXL {index.structure} found in this {fmt} file", path=path)
     notes = []
     if container == "ckpt" and fmt != "mindone":

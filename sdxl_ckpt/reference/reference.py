@@ -105,12 +105,15 @@ def make_reference(
     strength: float = 0.5,
     unet: str | os.PathLike | None = None,
     config_dir: str | os.PathLike | None = None,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
     quiet: bool = False,
 ) -> Reference:
     """Run the pipeline with recording hooks and return the reference (arrays + metadata), in memory."""
     from sdxl_ckpt.reference.pipeline import (
         configure_scheduler,
         latent_space,
+        load_lora,
         load_pipeline,
         quiet_libraries,
         require_torch,
@@ -127,6 +130,7 @@ def make_reference(
     src = Path(src)
     loaded = load_pipeline(src, unet, config_dir)
     pipe = loaded.pipe
+    lora_meta = load_lora(pipe, lora, lora_scale) if lora is not None else None
     pipe.set_progress_bar_config(disable=True)
     with quiet_libraries():
         scheduler, explicit_timesteps, schedule_note = configure_scheduler(pipe, sampler, steps)
@@ -211,6 +215,7 @@ def make_reference(
             "sha256": source_sha256(src),
             "unet": str(unet) if unet is not None else None,
             "unet_sha256": source_sha256(Path(unet)) if unet is not None else None,
+            "lora": lora_meta,
         },
         "versions": _versions(),
         "dtype": "fp32",
