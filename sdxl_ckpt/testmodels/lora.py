@@ -139,12 +139,14 @@ def build_peft_lora(
 
     state = load_file(str(peft_path))
     kohya: dict[str, Any] = {}
+    modules = {c: dict(getattr(pipe, c).named_modules()) for c in layers}
     for key in sorted(k for k in state if k.endswith(".lora_A.weight")):
         module = key.removesuffix(".lora_A.weight")
         one = {key: state[key], f"{module}.lora_B.weight": state[f"{module}.lora_B.weight"]}
         converted = convert_state_dict_to_kohya(one)  # diffusers' own naming, one module at a time
         component, _, path = module.partition(".")
-        layer = _layer(pipe, component, path)
+        mine = modules[component]
+        layer = mine[path] if path in mine else mine[path.removeprefix("text_model.")]
         for name, value in converted.items():
             if name.endswith(".alpha"):
                 value = torch.tensor(float(layer.lora_alpha["default"]), dtype=torch.float32)
@@ -154,27 +156,24 @@ def build_peft_lora(
     return {"peft": peft_path, "kohya": kohya_path, "deltas": deltas, "pipe": pipe}
 
 
-def _layer(pipe: Any, component: str, path: str) -> Any:
-    model = getattr(pipe, component)
-    modules = dict(model.named_modules())
-    return modules[path] if path in modules else modules[path.removeprefix("text_model.")]
-
-
-def synthetic_lora(out: Path, variant: str, rank: int = 16, seed: int = 0) -> Path:
-    """A full-size PEFT LoRA on every UNet attention projection, random factors (fp16), alpha = rank / 2."""
+def synthetic_lora(out: Path, sd_file: Path, rank: int = 16, seed: int = 0) -> Path:
+    """A PEFT LoRA on every UNet attention projection of the SD file ``sd_file`` (its shapes, any size), random
+    factors (fp16), alpha = rank / 2: the bench's merge input, made with numpy only."""
     from sdxl_ckpt.formats.entries import entry_from_array
-    from sdxl_ckpt.formats.safetensors_io import write_safetensors
-    from sdxl_ckpt.keymaps import load_keymap
+    from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
     from sdxl_ckpt.lora.names import mindone_declares, module_index
     from sdxl_ckpt.sdxl.configs import structure_of
+    from sdxl_ckpt.sdxl.detect import detect_variant
 
-    keymap = load_keymap(variant)
+    parsed = read_safetensors(sd_file)
+    shapes = {e.name: e.shape for e in parsed.entries}
+    structure = structure_of(detect_variant(shapes, parsed.metadata).variant)
     rng = np.random.default_rng(seed)
     entries = []
-    for module in module_index(structure_of(variant)).modules.values():
+    for module in module_index(structure).modules.values():
         if module.component != "unet" or not mindone_declares(module):
             continue
-        out_dim, in_dim = keymap.by_sd[module.sd_key].shape[:2]
+        out_dim, in_dim = shapes[module.sd_key][:2]
         name = f"unet.{module.module}"
         down = (rng.standard_normal((rank, in_dim)) * 0.01).astype(np.float16)
         up = (rng.standard_normal((out_dim, rank)) * 0.01).astype(np.float16)
