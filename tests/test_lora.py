@@ -168,6 +168,34 @@ def test_convert_round_trips_every_delta(which, base_lora, refiner_lora, tmp_pat
     )
 
 
+def test_old_attention_processor_names(mindone_lora, tmp_path):
+    """The old diffusers LoRAAttnProcessor / text lora_linear_layer names read as the same modules (alpha = rank)."""
+    from safetensors.numpy import save_file
+
+    old_names = {"to_q": "processor.to_q_lora", "to_k": "processor.to_k_lora", "to_v": "processor.to_v_lora"}
+    tensors = {}
+    for name, (_dtype, value) in _tensors(mindone_lora["peft"]).items():
+        module, _, factor = name.rpartition(".lora_")
+        factor = {"A.weight": "down.weight", "B.weight": "up.weight"}[factor]
+        head, _, last = module.rpartition(".")
+        if module.startswith("unet."):
+            module = (
+                f"{head}.{old_names[last]}"
+                if last in old_names
+                else module.replace(".to_out.0", ".processor.to_out_lora")
+            )
+        else:
+            module = module + ".lora_linear_layer"
+        tensors[f"{module}.{factor}"] = value
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path))
+    lora = read_lora(path)
+    assert lora.format == "old-diffusers" and {g.alpha_source for g in lora.groups} == {"default (= rank)"}
+    rank_over_alpha = {g.module.label: g.rank / g.alpha for g in read_lora(mindone_lora["peft"]).groups}
+    want = {k: v * rank_over_alpha[k] for k, v in _true(mindone_lora, "base").items()}
+    _assert_same_deltas(_deltas(path), want, "old processor names")
+
+
 def test_convert_refuses_unknown_keys_and_unsupported_variants(tmp_path, capsys):
     from safetensors.numpy import save_file
 
@@ -312,7 +340,7 @@ def test_merge_in_every_layout(tiny_base, base_sd, base_lora, tmp_path):
     # two LoRAs with ratios: the sum of both deltas
     two = _merge(base_sd, [lora, lora], tmp_path / "e.safetensors", "--ratio", "0.3", "--ratio", "0.4")
     e = _tensors(tmp_path / "e.safetensors")
-    assert {r["loras"] for r in two["touched"]} == {2}
+    assert {r["loras"] for r in two["touched"]} == {2 * r["loras"] for r in from_sd["touched"]}  # qkv: 3 per LoRA
     for row in from_sd["touched"][:50]:
         assert np.allclose(e[row["tensor"]][1], a[row["tensor"]][1], atol=1e-6)
 

@@ -186,6 +186,7 @@ def _register(index: ModuleIndex, module: Module) -> None:
         index._add(index.kohya, KOHYA_PREFIX[module.component] + _underscored(name), module)
         index._add(index.peft, PEFT_PREFIX[module.component] + name, module)
     if module.component == "unet":
+        index._add(index.peft, module.module, module)  # a bare UNet state dict (peft's own, no "unet." prefix)
         # kohya's sgm spelling (sd-scripts SDXL): the SD module path inside the UNet
         sgm = module.sd_module.removeprefix(SD_PREFIXES[index.structure]["unet"])
         index._add(index.kohya, KOHYA_PREFIX["unet"] + _underscored(sgm), module)
@@ -216,6 +217,13 @@ def kohya_name(module: Module, structure: str, spelling: str) -> str:
     if module.component == "unet" and spelling == "sgm":
         return KOHYA_PREFIX["unet"] + _underscored(module.sd_module.removeprefix(SD_PREFIXES[structure]["unet"]))
     return KOHYA_PREFIX[module.component] + _underscored(module.module)
+
+
+def peft_target(module: Module) -> str:
+    """The module's name for PEFT ``target_modules`` / ``rank_pattern`` / ``alpha_pattern``: PEFT matches these at a
+    dot boundary at the end of a module path, so a CLIP path without ``text_model.`` matches both CLIP spellings."""
+    flat = _flat_clip(module.module) if module.component != "unet" else None
+    return flat or module.module
 
 
 def peft_name(module: Module) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.formats.dtypes import to_float32
 from sdxl_ckpt.formats.entries import TensorEntry, entry_from_array
-from sdxl_ckpt.lora.names import kohya_name, mindone_declares, peft_name
+from sdxl_ckpt.lora.names import kohya_name, mindone_declares, peft_name, peft_target
 from sdxl_ckpt.lora.read import LoraGroup
 
 TARGETS = ("kohya", "peft", "mindone")
@@ -58,11 +58,11 @@ def kohya_entries(groups: list[LoraGroup], structure: str, spelling: str = "sgm"
     return out
 
 
-def _refuse(groups: list[LoraGroup], bad: list[LoraGroup], why: str) -> None:
+def _refuse(bad: list[LoraGroup], why: str) -> None:
     if bad:
         names = ", ".join(g.module.label for g in bad[:3])
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise InputError(f"{why}: {names}{more}")
+        raise InputError(f"{why}: {names}{more}", path=bad[0].down.source or None)
 
 
 def _most_common(values: list[Any]) -> Any:
@@ -79,9 +79,9 @@ def peft_metadata(groups: list[LoraGroup]) -> dict[str, str]:
         fields = {
             "r": rank,
             "lora_alpha": alpha,
-            "rank_pattern": {re.escape(g.module.module): g.rank for g in mine if g.rank != rank},
-            "alpha_pattern": {re.escape(g.module.module): g.alpha for g in mine if g.alpha != alpha},
-            "target_modules": sorted(g.module.module for g in mine),
+            "rank_pattern": {re.escape(peft_target(g.module)): g.rank for g in mine if g.rank != rank},
+            "alpha_pattern": {re.escape(peft_target(g.module)): g.alpha for g in mine if g.alpha != alpha},
+            "target_modules": sorted(peft_target(g.module) for g in mine),
             "use_dora": False,
             "use_rslora": False,
             "lora_bias": False,
@@ -92,7 +92,7 @@ def peft_metadata(groups: list[LoraGroup]) -> dict[str, str]:
 
 
 def peft_entries(groups: list[LoraGroup]) -> list[TensorEntry]:
-    _refuse(groups, [g for g in groups if g.mid is not None], "PEFT LoRA has no Tucker (lora_mid) layers")
+    _refuse([g for g in groups if g.mid is not None], "PEFT LoRA has no Tucker (lora_mid) layers")
     out: list[TensorEntry] = []
     for group in groups:
         name = peft_name(group.module)
@@ -101,15 +101,13 @@ def peft_entries(groups: list[LoraGroup]) -> list[TensorEntry]:
 
 
 def mindone_entries(groups: list[LoraGroup], allow_undeclared: bool = False) -> list[TensorEntry]:
-    _refuse(groups, [g for g in groups if g.mid is not None], "mindone's LoRA Dense has no Tucker (lora_mid) layer")
+    _refuse([g for g in groups if g.mid is not None], "mindone's LoRA Dense has no Tucker (lora_mid) layer")
     _refuse(
-        groups,
         [g for g in groups if g.module.sd_module is None],
         "no mindone parameter can hold these (their SD weight is part of a fused or transposed tensor)",
     )
     if not allow_undeclared:
         _refuse(
-            groups,
             [g for g in groups if not mindone_declares(g.module)],
             "mindone's gm LoRA networks declare no LoRA on these modules (attention projections only; "
             "--allow-undeclared writes them anyway)",
