@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import commands
-from bench.inputs import Inputs
+from bench.inputs import Inputs, ensure_lora
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Case:
 
 GB = 1_000_000_000
 RSS_TARGET = int(1.5 * GB)
+LORA_RSS_TARGET = int(0.5 * GB)
 
 CASES: tuple[Case, ...] = (
     Case(
@@ -92,6 +93,17 @@ CASES: tuple[Case, ...] = (
         needs="st-to-ms",
         reference="copy_sd",
         target_rss=RSS_TARGET,
+    ),
+    Case(
+        "lora_merge",
+        "lora merge (UNet attention LoRA, rank 16, into the SD file)",
+        "sd",
+        "convert",
+        "lora_merged.safetensors",
+        lambda i, o: commands.lora_merge(i.sd, ensure_lora(i), o),
+        needs="lora",
+        reference="copy_sd",
+        target_rss=LORA_RSS_TARGET,
     ),
     Case(
         "baseline_fp32",

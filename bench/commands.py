@@ -53,6 +53,10 @@ def ms_to_st(src: Path, out: Path) -> list[str]:
     return [*cli(), "ms-to-st", str(src), "--output", str(out), "--quiet"]
 
 
+def lora_merge(base: Path, lora: Path, out: Path) -> list[str]:
+    return [*cli(), "lora", "merge", str(base), str(lora), "--output", str(out), "--quiet"]
+
+
 # full size on a CPU: a small image and two steps keep the reference and the check to minutes
 VERIFY_SIZE = {"tiny": [], "full": ["--height", "256", "--width", "256"]}
 

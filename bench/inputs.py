@@ -154,6 +154,16 @@ def ensure_inputs(scale: str, workdir: Path, diffusers_src: Path | None = None, 
     return inputs
 
 
+def ensure_lora(inputs: Inputs) -> Path:
+    """The merge case's LoRA (UNet attention, rank 16, fp16), made once from the SD input's own shapes (numpy)."""
+    path = inputs.root / "lora.safetensors"
+    if not path.is_file():
+        from sdxl_ckpt.testmodels.lora import synthetic_lora
+
+        synthetic_lora(path, inputs.sd)
+    return path
+
+
 def ensure_reference(inputs: Inputs, log=print) -> Path:
     """Make (once) the reference the verify case needs; torch runs here, not inside the measured case."""
     if not inputs.reference.is_file():

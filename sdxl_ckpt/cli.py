@@ -296,6 +296,8 @@ def reference_cmd(
     strength: float = GEN_STRENGTH,
     unet: Optional[str] = GEN_UNET,  # noqa: UP045
     config: Optional[str] = GEN_CONFIG,  # noqa: UP045
+    lora: Optional[str] = typer.Option(None, "--lora", help="Load this LoRA with diffusers' load_lora_weights."),  # noqa: UP045
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="--lora: its adapter weight."),
     overwrite: bool = OVERWRITE,
     json_out: Optional[str] = JSON_OUT,  # noqa: UP045
     quiet: bool = QUIET,
@@ -310,6 +312,8 @@ def reference_cmd(
         quiet=quiet,
         overwrite=overwrite,
         sampler=sampler,
+        lora=lora,
+        lora_scale=lora_scale,
         **_generation(prompt, negative_prompt, steps, height, width, seed, guidance, strength, unet, config),
     )
 
@@ -459,6 +463,93 @@ def sd_to_diffusers_cmd(
     )
     if json_out != "-":
         print(render_report(report))
+    write_json(report, json_out)
+    return 0
+
+
+# --- lora ---
+
+lora_app = typer.Typer(help="LoRA files: inspect, convert between kohya / PEFT / mindone, merge into a checkpoint.")
+app.add_typer(lora_app, name="lora", no_args_is_help=True)
+LORA_ALPHA = typer.Option(
+    None, "--alpha", help="Alpha for modules whose file stores none (PEFT without metadata, mindone; default = rank)."
+)
+
+
+@lora_app.command("inspect")
+def lora_inspect_cmd(
+    path: str = typer.Argument(..., help="LoRA .safetensors (kohya / PEFT / old diffusers) or mindone .ckpt."),
+    alpha: Optional[float] = LORA_ALPHA,  # noqa: UP045
+    json_out: Optional[str] = JSON_OUT,  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """Format, structure, ranks, alphas and targeted modules per component; keys no module has."""
+    from sdxl_ckpt.lora.inspect import inspect_lora, render_inspect
+    from sdxl_ckpt.report import write_json
+
+    report = inspect_lora(path, alpha=alpha)
+    if json_out != "-":
+        print(render_inspect(report))
+    write_json(report, json_out)
+    return 0
+
+
+@lora_app.command("convert")
+def lora_convert_cmd(
+    src: str = typer.Argument(..., help="LoRA file in any format lora inspect reads."),
+    output: str = typer.Option(..., "--output", "-o", help="File to write (.safetensors; mindone: .ckpt)."),
+    to: str = typer.Option(..., "--to", help="kohya | peft | mindone"),
+    alpha: Optional[float] = LORA_ALPHA,  # noqa: UP045
+    kohya_names: str = typer.Option("sgm", "--kohya-names", help="kohya UNet names: sgm (sd-scripts) | diffusers."),
+    allow_undeclared: bool = typer.Option(
+        False, "--allow-undeclared", help="mindone: also write modules its gm LoRA networks have no LoRA layer on."
+    ),
+    overwrite: bool = OVERWRITE,
+    json_out: Optional[str] = JSON_OUT,  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """Convert a LoRA name to name; the scale alpha / rank of every module is kept."""
+    from sdxl_ckpt.lora.convert import convert_lora, render_convert
+    from sdxl_ckpt.report import write_json
+
+    report = convert_lora(
+        src,
+        output,
+        to=to,
+        alpha=alpha,
+        kohya_names=kohya_names,
+        allow_undeclared=allow_undeclared,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    if json_out != "-":
+        print(render_convert(report))
+    write_json(report, json_out)
+    return 0
+
+
+@lora_app.command("merge")
+def lora_merge_cmd(
+    base: str = typer.Argument(..., help="SD / MindSpore safetensors, MindSpore .ckpt, or diffusers folder."),
+    loras: list[str] = typer.Argument(..., help="One or more LoRA files."),
+    output: str = typer.Option(..., "--output", "-o", help="Merged checkpoint to write."),
+    ratio: list[float] | None = typer.Option(None, "--ratio", help="Weight of each LoRA, in order (default 1)."),
+    to: Optional[str] = typer.Option(None, "--to", help="sd | ckpt (default: the base's layout; diffusers -> sd)."),  # noqa: UP045
+    alpha: Optional[float] = LORA_ALPHA,  # noqa: UP045
+    keys: str = typer.Option("auto", "--keys", help="auto | base | refiner | lcm: the base's keymap."),
+    overwrite: bool = OVERWRITE,
+    json_out: Optional[str] = JSON_OUT,  # noqa: UP045
+    quiet: bool = QUIET,
+) -> int:
+    """Add LoRA deltas to a checkpoint, streaming; only the touched tensors change, the rest is copied byte for byte."""
+    from sdxl_ckpt.lora.merge import merge_loras, render_merge
+    from sdxl_ckpt.report import write_json
+
+    report = merge_loras(
+        base, loras, output, ratios=ratio, to=to, alpha=alpha, keys=keys, overwrite=overwrite, quiet=quiet
+    )
+    if json_out != "-":
+        print(render_merge(report))
     write_json(report, json_out)
     return 0
 

@@ -55,12 +55,14 @@ def test_page_cache_states(tmp_path):
     assert pagecache.prepare([path], "cold") < 0.5
 
 
-def _cli_options(name: str) -> set[str]:
+def _cli_options(*names: str) -> set[str]:
     import typer
 
     from sdxl_ckpt.cli import app
 
-    command = typer.main.get_command(app).commands[name]
+    command = typer.main.get_command(app)
+    for name in names:  # a group's sub-command: "lora", "merge"
+        command = command.commands[name]
     return {opt for param in command.params for opt in param.opts}
 
 
@@ -75,11 +77,13 @@ def test_command_lines_use_existing_options(tmp_path):
         commands.sd_to_diffusers(p, p),
         commands.reference(p, p, "full"),
         commands.verify(p, p, p),
+        commands.lora_merge(p, p, p),
     ]
     for argv in lines:
         rest = argv[len(commands.cli()) :]
-        flags = {a for a in rest[1:] if a.startswith("-")}
-        assert flags <= _cli_options(rest[0]), (rest[0], flags - _cli_options(rest[0]))
+        names = rest[:2] if rest[0] == "lora" else rest[:1]
+        flags = {a for a in rest[len(names) :] if a.startswith("-")}
+        assert flags <= _cli_options(*names), (names, flags - _cli_options(*names))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("formats",),  # tensor entries, dtypes, safetensors / ckpt / diffusers-folder / npz IO, atomic output
     ("sdxl",),  # SDXL facts: configs, components, variants and their detection
     ("keymaps",),  # rule tables between layouts, generated keymaps
-    ("convert", "manage", "sdxl_runtime"),  # conversions; inspect / diff; the MindSpore network
+    ("convert", "manage", "sdxl_runtime", "lora"),  # conversions; inspect / diff; the MindSpore network; LoRA files
     ("verify", "reference"),  # MindSpore side and torch side of the numerical proof
     ("testmodels",),  # tiny / full-size synthetic models (tests, demo, bench)
     ("demo", "proof_commands"),  # command bodies composing the layers

@@ -233,6 +233,21 @@ def load_pipeline(
         return LoadedPipeline(pipe, refiner, "single_file", metadata)
 
 
+def load_lora(pipe: Any, lora: str | Path, scale: float) -> dict[str, Any]:
+    """diffusers' own LoRA path: ``load_lora_weights`` (any format diffusers reads) at adapter weight ``scale``.
+
+    Left unfused: the reference then runs diffusers' LoRA layers (x W + scale * B(A(x))), an independent path
+    from the weight merge a converted checkpoint went through.
+    """
+    lora = Path(lora)
+    if not lora.is_file():
+        raise InputError("LoRA file not found", path=lora)
+    with quiet_libraries():
+        pipe.load_lora_weights(str(lora), adapter_name="lora")
+        pipe.set_adapters(["lora"], adapter_weights=[float(scale)])
+    return {"path": str(lora), "scale": float(scale)}
+
+
 # --- the scheduler, configured to our sampler ---------------------------------------------------------------------
 
 

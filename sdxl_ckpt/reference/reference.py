@@ -103,6 +103,7 @@ class _Run:
     schedule_note: str
     height: int
     width: int
+    lora: dict[str, Any] | None = None  # what ``load_lora`` applied, for the metadata
     call: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -110,13 +111,15 @@ class _Run:
 def _load(
     src: Path, unet: Any, config_dir: Any, sampler: str, steps: int, height: int | None, width: int | None
 ) -> _Run:
-    """The pipeline with our sampler's scheduler, and the image size (default: the UNet's native size)."""
-    from sdxl_ckpt.reference.pipeline import configure_scheduler, load_pipeline, quiet_libraries
+    """The pipeline (with the LoRA loaded, if any) and our sampler's scheduler, and the image size (default: the
+    UNet's native size)."""
+    from sdxl_ckpt.reference.pipeline import configure_scheduler, load_lora, load_pipeline, quiet_libraries
 
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
     loaded = load_pipeline(src, unet, config_dir)
     pipe = loaded.pipe
+    lora_meta = load_lora(pipe, lora, lora_scale) if lora is not None else None
     pipe.set_progress_bar_config(disable=True)
     with quiet_libraries():
         scheduler, explicit_timesteps, schedule_note = configure_scheduler(pipe, sampler, steps)
@@ -125,7 +128,7 @@ def _load(
     height, width = height or native, width or native
     if height % scale or width % scale:
         raise InputError(f"--height and --width must be multiples of {scale}, got {height}x{width}")
-    return _Run(loaded, scheduler, explicit_timesteps, schedule_note, height, width)
+    return _Run(loaded, scheduler, explicit_timesteps, schedule_note, height, width, lora_meta)
 
 
 def _prepare_inputs(
@@ -224,6 +227,7 @@ def _metadata(run: _Run, rec: Any, src: Path, unet: Any, settings: dict[str, Any
             "sha256": source_sha256(src),
             "unet": str(unet) if unet is not None else None,
             "unet_sha256": source_sha256(Path(unet)) if unet is not None else None,
+            "lora": run.lora,
         },
         "versions": _versions(),
         "dtype": "fp32",
@@ -254,6 +258,8 @@ def make_reference(
     strength: float = 0.5,
     unet: str | os.PathLike | None = None,
     config_dir: str | os.PathLike | None = None,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
 ) -> Reference:
     """Run the pipeline with recording hooks and return the reference (arrays + metadata), in memory.
 
@@ -264,7 +270,7 @@ def make_reference(
 
     require_torch()
     src, sampler = Path(src), reference_sampler(sampler)
-    run = _load(src, unet, config_dir, sampler, steps, height, width)
+    run = _load(src, unet, config_dir, sampler, steps, height, width, lora, lora_scale)
     _prepare_inputs(run, prompt, negative_prompt, steps, seed, guidance, strength)
     rec = _run_recorded(run)
     settings = {
