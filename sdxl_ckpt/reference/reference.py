@@ -109,7 +109,15 @@ class _Run:
 
 
 def _load(
-    src: Path, unet: Any, config_dir: Any, sampler: str, steps: int, height: int | None, width: int | None
+    src: Path,
+    unet: Any,
+    config_dir: Any,
+    sampler: str,
+    steps: int,
+    height: int | None,
+    width: int | None,
+    lora: Any = None,
+    lora_scale: float = 1.0,
 ) -> _Run:
     """The pipeline (with the LoRA loaded, if any) and our sampler's scheduler, and the image size (default: the
     UNet's native size)."""
