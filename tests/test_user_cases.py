@@ -248,7 +248,7 @@ def test_unknown_stage_and_sampler_names_are_errors(files, tmp_path):
         ["verify", ckpt, "--reference", tmp_path / "r.npz", "--sampler", "Euler", "--rtol-override", "step=1e-3"],
         [ckpt],
         2,
-        "no such file",
+        "reference file not found",
     )
 
 
