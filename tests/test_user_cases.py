@@ -119,6 +119,20 @@ def test_output_equal_to_the_input_is_refused_even_with_overwrite(files, tiny_ba
         refused(["st-to-ms", alias, "-o", sd, "--overwrite"], [sd], 2, "is the input file")
 
 
+def test_json_report_never_replaces_an_input_or_the_output(files, tmp_path):
+    sd, ckpt = files["sd"], files["ckpt"]
+    refused(["st-to-ms", sd, "-o", tmp_path / "o.ckpt", "--json", sd], [sd], 2, "--json names")
+    refused(["ms-to-st", ckpt, "-o", tmp_path / "o.safetensors", "--json", ckpt], [ckpt], 2, "--json names")
+    refused(["inspect", sd, "--json", sd], [sd], 2, "--json names")
+    refused(["diff", sd, ckpt, "--json", ckpt], [sd, ckpt], 2, "--json names")
+    hard = tmp_path / "hard.safetensors"
+    os.link(sd, hard)  # another name for the input: caught by its inode
+    refused(["inspect", sd, "--json", hard], [sd], 2, "is the input file")
+    out = tmp_path / "o.ckpt"
+    refused(["st-to-ms", sd, "-o", out, "--json", out], [sd], 2, "--json names")
+    assert not out.exists()
+
+
 def test_output_inside_an_input_folder_is_refused(files, tiny_base, tmp_path):
     pipe = tmp_path / "G"
     assert cli("tiny-model", "--model", "base", "-o", pipe, "-q").returncode == 0
