@@ -69,6 +69,20 @@ def _print_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+def _json_apart(json_out: str | None, *paths: str | None) -> None:
+    """``--json FILE`` must not be one of the command's inputs or outputs (it would replace them with a report)."""
+    if json_out is not None and json_out != "-":
+        from pathlib import Path
+
+        from sdxl_ckpt.errors import OutputIsInputError
+        from sdxl_ckpt.formats.atomic import check_not_an_input
+
+        for other in paths:  # also the output, which does not exist yet
+            if other is not None and os.path.realpath(json_out) == os.path.realpath(other):
+                raise OutputIsInputError(f"--json names {other}, a file this command reads or writes", path=json_out)
+        check_not_an_input(Path(json_out), paths)
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(
@@ -144,6 +158,7 @@ def diffusers_to_sd_cmd(
     from sdxl_ckpt.convert.diffusers_to_sd import convert_diffusers_to_sd, render_report
     from sdxl_ckpt.report import write_json
 
+    _json_apart(json_out, src_dir, output, unet, vae)
     report = convert_diffusers_to_sd(
         src_dir,
         output,
@@ -185,6 +200,7 @@ def st_to_ms_cmd(
     from sdxl_ckpt.convert.sd_ms import render_report, st_to_ms
     from sdxl_ckpt.report import error_report, write_json
 
+    _json_apart(json_out, src, output, key_torch, key_ms)
     with error_report("st-to-ms", json_out):
         report = st_to_ms(
             src,
@@ -216,6 +232,7 @@ def ms_to_st_cmd(
     from sdxl_ckpt.convert.sd_ms import ms_to_st, render_report
     from sdxl_ckpt.report import error_report, write_json
 
+    _json_apart(json_out, src, output)
     with error_report("ms-to-st", json_out):
         report = ms_to_st(src, output, keys=keys, overwrite=overwrite, quiet=quiet)
     if json_out != "-":
@@ -305,6 +322,7 @@ def reference_cmd(
     """Run diffusers' SDXL pipeline (torch) on SRC and store every stage verify compares (needs the reference extra)."""
     from sdxl_ckpt.proof_commands import reference_command
 
+    _json_apart(json_out, src, output, unet, config)
     return reference_command(
         src,
         output,
@@ -347,6 +365,7 @@ def verify_cmd(
     """Compare the MindSpore runtime with the reference stage by stage; exit 1 naming the first failing stage."""
     from sdxl_ckpt.proof_commands import verify_command
 
+    _json_apart(json_out, ckpt, reference, source, save_reference, unet, config)
     return verify_command(
         ckpt,
         reference=reference,
@@ -396,6 +415,7 @@ def inspect_cmd(
     from sdxl_ckpt.manage.inspect import inspect_checkpoint, render_inspect, warn_report
     from sdxl_ckpt.report import write_json
 
+    _json_apart(json_out, path)
     report = inspect_checkpoint(path, keys=keys, with_hash=hash_, quiet=quiet, weight_variant=variant)
     if json_out != "-":
         print(render_inspect(report))
@@ -418,6 +438,7 @@ def diff_cmd(
     from sdxl_ckpt.manage.diff import diff_checkpoints, render_diff, warn_diff
     from sdxl_ckpt.report import write_json
 
+    _json_apart(json_out, a, b)
     report = diff_checkpoints(a, b, keys=keys, quiet=quiet, weight_variant=variant)
     if json_out != "-":
         print(render_diff(report))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -41,7 +42,7 @@ def _check_same_model(ckpt: str, ref: Any) -> None:
     theirs = str(ref.meta.get("variant"))
     if structure.get(ours, ours) != structure.get(theirs, theirs) and ours in structure and theirs in structure:
         raise InputError(
-            f"this is a {ours} checkpoint, but the reference was made from a {theirs} model; "
+            f"this {ours} checkpoint does not fit the {theirs} model the reference was made with; "
             f"verify it against a reference of its own source",
             path=ckpt,
         )
@@ -100,7 +101,7 @@ def verify_command(
     if (reference is None) == (source is None):
         raise InputError("give exactly one of --reference REF.npz and --source SRC")
     expect(sniff(ckpt, partial_of), MS_KINDS, "verify", MS_WANTS)
-    if reference is not None:
+    if reference is not None and os.path.exists(reference):  # a missing one: load_reference says so
         expect(sniff(reference), ("npz",), "verify --reference", "a REF.npz written by `reference`")
     if source is not None:
         _check_source(source, "verify --source", settings)

@@ -161,7 +161,7 @@ def test_stored_modelspec_hash_is_checked(capsys, tmp_path):
     rc, out, err = run(capsys, "inspect", tmp_path / "good.safetensors", "--hash", "-q")
     assert rc == 0 and "(matches modelspec.hash_sha256)" in out and err == ""
     rc, out, err = run(capsys, "inspect", tmp_path / "bad.safetensors", "--hash", "-q")
-    assert rc == 0 and "MISMATCH" in out
+    assert rc == 1 and "MISMATCH" in out  # a difference found by a check
     assert err.count("\n") == 1 and err.startswith("warning:") and "modelspec.hash_sha256" in err
 
 
