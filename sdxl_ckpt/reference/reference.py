@@ -131,8 +131,10 @@ def make_reference(
     with quiet_libraries():
         scheduler, explicit_timesteps, schedule_note = configure_scheduler(pipe, sampler, steps)
     scale = pipe.vae_scale_factor
-    height = height or pipe.default_sample_size * scale
-    width = width or pipe.default_sample_size * scale
+    # the img2img (refiner) pipeline has no default_sample_size: the UNet's sample_size is what it means
+    sample = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    height = height or sample * scale
+    width = width or sample * scale
     if height % scale or width % scale:
         raise InputError(f"--height and --width must be multiples of {scale}, got {height}x{width}")
     latent_shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
