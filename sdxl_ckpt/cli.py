@@ -178,7 +178,9 @@ def diffusers_to_sd_cmd(
 
 # --- keymaps, st-to-ms, ms-to-st ---
 
-KEYS = typer.Option("auto", "--keys", help="auto | base | refiner | lcm (auto: from sentinel keys and metadata).")
+KEYS = typer.Option(
+    "auto", "--keys", help="auto, or a variant (base, refiner, lcm, inpaint...): auto reads it from the weights."
+)
 
 
 @app.command("st-to-ms")
@@ -192,6 +194,9 @@ def st_to_ms_cmd(
     ),
     key_torch: Optional[str] = typer.Option(None, "--key-torch", help="mindone torch key list (checked)."),  # noqa: UP045
     key_ms: Optional[str] = typer.Option(None, "--key-ms", help="mindone MindSpore key list (checked)."),  # noqa: UP045
+    vae: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--vae", help="Take the VAE from this SD or LDM VAE safetensors (required when SRC has none)."
+    ),
     overwrite: bool = OVERWRITE,
     json_out: Optional[str] = JSON_OUT,  # noqa: UP045
     quiet: bool = QUIET,
@@ -212,6 +217,7 @@ def st_to_ms_cmd(
             quiet=quiet,
             key_torch=key_torch,
             key_ms=key_ms,
+            vae=vae,
         )
     if json_out != "-":
         print(render_report(report))

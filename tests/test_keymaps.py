@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.keymaps import KEYMAP_DIR, VARIANTS, load_keymap
 from sdxl_ckpt.keymaps.mindone import check_lists, export_lists, read_list
 from sdxl_ckpt.keymaps.sd_ms import RULES, sd_to_ms_name
-from sdxl_ckpt.sdxl.detect import BASE_SENTINEL, COND_PROJ_KEY, REFINER_SENTINEL, detect_variant
+from sdxl_ckpt.sdxl.variants import COND_PROJ_KEY
 
 MINDONE = Path(__file__).parent / "data" / "mindone"
 # mindone's stored base list spells the CLIP-L token embedding wrong; ours is corrected
@@ -37,11 +36,15 @@ def test_checked_in_yaml_equals_fresh_generation(variant):
     assert (KEYMAP_DIR / f"{variant}.yaml").read_text() == render(variant)
 
 
+L_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+
+
 def test_counts():
     assert len(_ours("base")) == 2514 and len(load_keymap("base").specs) == 2515
     assert len(_ours("refiner")) == 1858 and load_keymap("refiner").dropped == {}
     assert len(_ours("lcm")) == 2513
-    assert set(load_keymap("lcm").optional_sd) == {COND_PROJ_KEY, "conditioner.embedders.1.model.logit_scale"}
+    assert set(load_keymap("lcm").optional_sd) == {COND_PROJ_KEY, "conditioner.embedders.1.model.logit_scale", L_IDS}
+    assert load_keymap("base").optional_sd == [L_IDS] and load_keymap("base").by_sd[L_IDS].dtype == "int"
 
 
 def test_base_equals_mindone_except_the_corrected_key():
@@ -60,7 +63,7 @@ def test_lcm_equals_mindone_lcm_list():
     assert len(theirs) == 2513
     assert theirs == ours
     # with the optional keys: base's names plus the guidance embedding, under the name the runtime loads
-    assert set(_ours("lcm", required_only=False)) == set(_ours("base")) | {COND_PROJ_KEY}
+    assert set(_ours("lcm", required_only=False)) == set(_ours("base", required_only=False)) | {COND_PROJ_KEY}
 
 
 def test_refiner_equals_mindone_refiner_list():
@@ -130,7 +133,7 @@ U, V, L, G = (
         (L + "encoder.layers.0.layer_norm1.weight", L + "encoder.layers.0.layer_norm1.gamma"),
         (L + "final_layer_norm.bias", L + "final_layer_norm.beta"),
         (COND_PROJ_KEY, COND_PROJ_KEY),
-        (L + "embeddings.position_ids", None),
+        (L + "embeddings.position_ids", L + "embeddings.position_ids"),
     ],
 )
 def test_rules(sd, ms):
@@ -147,29 +150,3 @@ def test_every_rule_is_used_and_the_map_is_one_to_one():
             assert ms == spec.ms
             used.add(rule)
     assert used == set(RULES)
-
-
-def _shapes(variant: str) -> dict[str, tuple[int, ...]]:
-    return {s.sd: s.shape for s in load_keymap(variant).specs}
-
-
-def test_detect_variant():
-    assert detect_variant(_shapes("base")).variant == "base"
-    assert detect_variant(_shapes("base")).note  # base without provenance: says it could be LCM
-    assert detect_variant(_shapes("base"), {"sdxl_ckpt.variant": "base"}).note is None
-    assert detect_variant(_shapes("refiner")).variant == "refiner"
-    assert detect_variant(_shapes("base"), {"sdxl_ckpt.variant": "lcm"}).variant == "lcm"
-    assert detect_variant(_shapes("lcm")).variant == "lcm"  # the guidance embedding is there
-    ms_names = {load_keymap("refiner").sd_to_ms[k]: v for k, v in _shapes("refiner").items()}
-    assert detect_variant(ms_names).variant == "refiner"
-    with pytest.raises(InputError, match="neither"):
-        detect_variant({"a.weight": (1,)})
-    with pytest.raises(InputError, match="both"):
-        detect_variant({BASE_SENTINEL: (1280,), REFINER_SENTINEL: (1280,)})
-    mixed = _shapes("base")
-    mixed["model.diffusion_model.label_emb.0.0.weight"] = (1536, 2560)
-    mixed["model.diffusion_model.input_blocks.0.0.weight"] = (384, 4, 3, 3)
-    with pytest.raises(InputError, match="refiner"):
-        detect_variant(mixed)
-    with pytest.raises(InputError, match="metadata"):
-        detect_variant(_shapes("refiner"), {"sdxl_ckpt.variant": "lcm"})

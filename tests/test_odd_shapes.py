@@ -1,7 +1,7 @@
 """SDXL-structured models whose proportions are not SDXL's convert in every direction, bit for bit.
 
 Built with the real diffusers / transformers classes: non-monotonic channels (32, 96, 64), a time embedding
-(100) equal to no channel count, odd head counts, a conv-projection refiner, SSD-1B- and Vega-like depths.
+(100) equal to no channel count, odd head counts, a conv-projection refiner.
 Each goes diffusers -> SD -> ckpt -> SD; the SD file is also converted with its metadata stripped (a community
 file: the architecture comes from the shapes alone).
 """
@@ -19,7 +19,7 @@ from sdxl_ckpt.cli import main
 pytest.importorskip("diffusers")
 ms = pytest.importorskip("mindspore")
 
-NAMES = ("odd", "odd-refiner", "ssd-1b", "vega")
+NAMES = ("odd", "odd-refiner")  # the SSD-1B- and Vega-like depths: tests/test_variants.py
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_round_trip(sd_files, tmp_path, capsys, name, metadata):
     _same(sd, back)
     loaded = ms.load_checkpoint(str(ckpt))
     original = load_file(sd)
-    assert len(loaded) == len([k for k in original if not k.endswith("position_ids")])
+    assert len(loaded) == len(original)  # every tensor, position_ids included (int32, as mindone declares it)
     assert all(np.array_equal(loaded[k].asnumpy(), original[k]) for k in loaded if k in original)
 
 

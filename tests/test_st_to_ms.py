@@ -93,8 +93,13 @@ def test_strict_load_into_net(sd_files, tmp_path, capsys):
             )
 
     keymap = load_keymap("base")
+    # as mindone's network: CLIP-L position_ids is an int32 Parameter [1, 77]
     net = Net(
-        {keymap.sd_to_ms[k]: (a.shape, a.dtype) for k, a in load_file(sd_files["base"]).items() if k in keymap.sd_to_ms}
+        {
+            keymap.sd_to_ms[k]: (a.shape, np.int32 if k == POSITION_IDS else a.dtype)
+            for k, a in load_file(sd_files["base"]).items()
+            if k in keymap.sd_to_ms
+        }
     )
     not_loaded, unused = ms.load_param_into_net(net, loaded, strict_load=True)
     assert not_loaded == [] and unused == []
@@ -105,7 +110,7 @@ def test_strict_load_into_net(sd_files, tmp_path, capsys):
 def test_dtype_and_safetensors_format(sd_files, tmp_path, capsys):
     half = tmp_path / "half.ckpt"
     assert _run(["st-to-ms", sd_files["base"], "-o", half, "-q", "--dtype", "fp16"], capsys)[0] == 0
-    assert {e.dtype for e in scan_ckpt(half).entries} == {"F16"}
+    assert {e.dtype for e in scan_ckpt(half).entries} == {"F16", "I32"}  # position_ids: an integer, never cast
     msst = tmp_path / "ms.safetensors"
     rc, _out, err = _run(["st-to-ms", sd_files["refiner"], "-o", msst, "-q", "--format", "safetensors"], capsys)
     assert rc == 0, err

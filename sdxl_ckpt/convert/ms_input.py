@@ -1,15 +1,15 @@
 """A MindSpore file (``.ckpt``, or MindSpore-named safetensors) under SD names, for conversions that start there.
 
-The variant comes from the sentinel keys and metadata (``sdxl.detect``, which reads MindSpore names as well as SD
-ones), the renames from that variant's keymap (``keymaps.load_keymap``: the explicit SD <-> MindSpore pairs).
-A name the keymap does not list is an error naming it, with the closest MindSpore name as a hint. Keys MindSpore
+The variant comes from the architecture read from the names and shapes (``sdxl.architecture``, which reads
+MindSpore names as well as SD ones); the names go back through the SD <-> MindSpore rename rules
+(``keymaps.sd_ms``), so every variant the converters write reads back. A name the rules would not give is an error
+naming it. Keys MindSpore
 does not store (CLIP-L ``position_ids``) are simply absent: the caller decides whether it needs them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +17,9 @@ from sdxl_ckpt.errors import InputError, KeyMismatchError
 from sdxl_ckpt.formats.ckpt_io import scan_ckpt, verify_crc
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.safetensors_io import read_safetensors
-from sdxl_ckpt.keymaps import VARIANTS, load_keymap
-from sdxl_ckpt.sdxl.detect import Detection, detect_variant
+from sdxl_ckpt.keymaps.sd_ms import ms_entries_as_sd
+from sdxl_ckpt.sdxl.architecture import infer_architecture
+from sdxl_ckpt.sdxl.variants import VARIANT_NAMES, Detection
 
 
 @dataclass(frozen=True)
@@ -44,19 +45,15 @@ def read_mindspore_as_sd(src: str | Path, keys: str = "auto") -> MindSporeInput:
         entries, metadata, records, crc = ckpt.entries, {}, ckpt.records, verify_crc(ckpt)
     shapes = {e.name: e.shape for e in entries}
     if keys == "auto":
-        detection = detect_variant(shapes, metadata, path=src)
-    elif keys in VARIANTS:
+        detection = infer_architecture(shapes, metadata, path=src).detection
+    elif keys in VARIANT_NAMES:
         detection = Detection(keys, "--keys")
     else:
-        raise InputError(f"--keys must be one of auto, {', '.join(VARIANTS)}, not {keys!r}")
-    ms_to_sd = load_keymap(detection.variant).ms_to_sd
-    unknown = [e.name for e in entries if e.name not in ms_to_sd]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], list(ms_to_sd), n=1, cutoff=0.9)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        more = f" ({len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise KeyMismatchError(
-            f"not a MindSpore name of the {detection.variant} keymap{hint}{more}", path=src, key=unknown[0]
-        )
-    renamed = {ms_to_sd[e.name]: dataclasses.replace(e, name=ms_to_sd[e.name]) for e in entries}
+        raise InputError(f"--keys must be one of auto, {', '.join(VARIANT_NAMES)}, not {keys!r}")
+    named, problems = ms_entries_as_sd(entries)
+    if problems:
+        key, message = problems[0]
+        more = f" ({len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise KeyMismatchError(f"{message}{more}", path=src, key=key)
+    renamed = {sd: dataclasses.replace(e, name=sd) for sd, e in named.items()}
     return MindSporeInput(renamed, dict(metadata), detection, records, crc)

@@ -10,6 +10,7 @@ way in and regenerated on the way out.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import math
@@ -26,29 +27,32 @@ import numpy as np
 from sdxl_ckpt.errors import InputError, KeyMismatchError
 from sdxl_ckpt.formats.atomic import check_output, output_format
 from sdxl_ckpt.formats.ckpt_io import scan_ckpt, verify_crc, write_ckpt
-from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, cast_array, target_dtype
+from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, cast_array, numpy_dtype, target_dtype
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.fastio import Background
 from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.formats.sniff import expect, sniff
-from sdxl_ckpt.keymaps import VARIANTS
 from sdxl_ckpt.keymaps.expected import ExpectedKey, expected_keys
 from sdxl_ckpt.keymaps.mindone import check_lists, read_list
-from sdxl_ckpt.keymaps.sd_ms import sd_to_ms_name
-from sdxl_ckpt.sdxl.architecture import HEAD_FIELDS, OPENCLIP, Architecture, infer_architecture, sd_name, sd_names
+from sdxl_ckpt.keymaps.sd_extras import prepare_sd
+from sdxl_ckpt.keymaps.sd_ms import ms_entries_as_sd, sd_to_ms_name
+from sdxl_ckpt.sdxl.architecture import HEAD_FIELDS, OPENCLIP, Architecture, infer_architecture
 from sdxl_ckpt.sdxl.components import partial_of
-from sdxl_ckpt.sdxl.configs import structure_of
-from sdxl_ckpt.sdxl.detect import Detection, detect_variant
+from sdxl_ckpt.sdxl.variants import (
+    MARKERS,
+    MODELSPEC_ARCHITECTURE,
+    PRESENCE_MARKERS,
+    VARIANT_METADATA,
+    VARIANT_NAMES,
+    VARIANTS,
+    Detection,
+    structure_of,
+)
 
 FORMATS = ("ckpt", "safetensors")
-KEY_CHOICES = ("auto", *VARIANTS)
+KEY_CHOICES = ("auto", *VARIANT_NAMES)
 MAX_LISTED_PROBLEMS = 40  # unexpected keys that get a close-match hint
 SHOWN_PROBLEMS = 10  # problems printed; ``--json`` has them all
-ARCHITECTURE = {
-    "base": "stable-diffusion-xl-v1-base",
-    "lcm": "stable-diffusion-xl-v1-base",
-    "refiner": "stable-diffusion-xl-v1-refiner",
-}
 
 
 @dataclass
@@ -102,16 +106,20 @@ def read_architecture(
     """The architecture of an input and its variant: detected (``auto``) or forced by ``--keys``."""
     if keys not in KEY_CHOICES:
         raise InputError(f"--keys must be one of {', '.join(KEY_CHOICES)}, not {keys!r}")
-    architecture = infer_architecture(shapes, metadata, path=path)
     if keys == "auto":
-        return architecture, detect_variant(sd_names(shapes), metadata, path=path)
+        architecture = infer_architecture(shapes, metadata, path=path)
+        assert architecture.detection is not None
+        return architecture, architecture.detection
+    unforced = {k: v for k, v in metadata.items() if k != VARIANT_METADATA}
+    architecture = infer_architecture(shapes, unforced, path=path)
     if structure_of(keys) != architecture.structure:
         raise InputError(
             f"--keys {keys}: but this file has the {architecture.structure} key structure "
             f"(its OpenCLIP encoder is under {OPENCLIP[architecture.structure]!r})",
             path=path,
         )
-    return architecture, Detection(keys, "--keys")
+    detection = Detection(keys, "--keys")
+    return dataclasses.replace(architecture, variant=keys, detection=detection), detection
 
 
 def raise_problems(problems: list[tuple[str | None, str]], path: object) -> None:
@@ -229,8 +237,12 @@ def st_to_ms(
     quiet: bool = True,
     key_torch: str | None = None,
     key_ms: str | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """SD safetensors -> MindSpore names in a ``.ckpt`` (or safetensors, by the output's extension); the report."""
+    """SD safetensors -> MindSpore names in a ``.ckpt`` (or safetensors, by the output's extension); the report.
+
+    ``vae``: an SD or LDM VAE file whose VAE is used (a file without one is refused otherwise).
+    """
     started = time.monotonic()
     src, out = Path(src), Path(out)
     fmt = output_format(out, fmt, FORMATS, "st-to-ms")
@@ -241,37 +253,51 @@ def st_to_ms(
     check_output(out, overwrite, inputs=(src, key_torch, key_ms))
     expect(sniff(src, partial_of), ("sd",), "st-to-ms", "an SD safetensors file")
     source = read_safetensors(src)
-    entries = source.by_name()
-    shapes = {n: e.shape for n, e in entries.items()}
-    architecture, detection = read_architecture(keys, shapes, source.metadata, src)
-    check = check_exact(shapes, {n: e.dtype for n, e in entries.items()}, architecture)
+    vae_entries = read_safetensors(Path(vae)).by_name() if vae is not None else None
+    prepared = prepare_sd(source.by_name(), vae=vae_entries, vae_path=vae, path=src)
+    entries = prepared.entries
+    weights = {n: e for n, e in entries.items() if n not in prepared.markers}
+    shapes = {n: e.shape for n, e in weights.items()}
+    marked = {**shapes, **{m: entries[m].shape for m in prepared.markers}}
+    architecture, detection = read_architecture(keys, marked, source.metadata, src)
+    check = check_exact(shapes, {n: e.dtype for n, e in weights.items()}, architecture)
     if key_torch is not None:
         skippable = {k: e.why for k, e in check.expected.items() if not e.required or sd_to_ms_name(k)[0] is None}
+        skippable.update(prepared.markers)
         check.problems += check_lists(read_list(key_torch), read_list(key_ms), shapes, skippable, key_torch, key_ms)
     raise_problems(check.problems, src)
 
     requested = DTYPE_CHOICES[dtype]
     with _Hasher() as hasher:
-        planned, dropped, renamed = [], {}, 0
-        for name in check.expected:
+        planned, dropped, renamed, generated = [], dict(prepared.dropped), 0, {}
+        for name in [*check.expected, *prepared.markers]:
             entry = entries.get(name)
+            ms, rule = sd_to_ms_name(name)
+            if entry is None and rule.dtype is not None and name in check.expected:
+                entry = _restore(name, check.expected[name])  # mindone's network declares it: always written
+                generated[name] = f"absent from the SD file: written as {rule.dtype} 0..n-1"
             if entry is None:
                 continue
-            ms, rule = sd_to_ms_name(name)
             if ms is None:
                 dropped[name] = rule.why
                 continue
-            dst = target_dtype(entry.dtype, requested)
-            cast = None
-            if dst != entry.dtype:
-                cast = lambda a, s=entry.dtype, d=dst, k=ms: cast_array(a, s, d, key=k)  # noqa: E731
+            if name in PRESENCE_MARKERS and entry.numel == 0 and fmt == "ckpt":
+                entry = _presence(entry, (1,))
+                prepared.notes.append(f"{name} is empty: stored as one zero (a ckpt holds no empty tensor)")
+            if rule.dtype is not None:  # an integer buffer mindone declares with another integer type
+                dst, cast = rule.dtype, (lambda a, d=rule.dtype: a.astype(numpy_dtype(d)))
+            else:
+                dst = target_dtype(entry.dtype, requested)
+                cast = None
+                if dst != entry.dtype:
+                    cast = lambda a, s=entry.dtype, d=dst, k=ms: cast_array(a, s, d, key=k)  # noqa: E731
             planned.append(hasher.wrap(entry, ms, dst, cast))
             renamed += ms != name
         absent = [k for k, e in check.expected.items() if not e.required and k not in entries]
         if fmt == "ckpt":
             written = write_ckpt(out, planned, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
         else:
-            metadata = {**source.metadata, "format": "ms", "sdxl_ckpt.variant": detection.variant}
+            metadata = {**source.metadata, "format": "ms", VARIANT_METADATA: detection.variant}
             written = write_safetensors(out, planned, metadata, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
         return _report(
             "st-to-ms",
@@ -286,6 +312,9 @@ def st_to_ms(
             hasher,
             renamed=renamed,
             stored_hash=stored_hash_note(source.metadata, src),
+            markers=prepared.markers,
+            notes=prepared.notes,
+            generated=generated,
             format=fmt,
             dtype=dtype,
             seconds=round(time.monotonic() - started, 3),
@@ -322,30 +351,32 @@ def sd_metadata(variant: str, src: Path) -> dict[str, str]:
     """Stability ModelSpec keys + this project's provenance keys for an SD file made from ``src``."""
     from sdxl_ckpt import __version__
 
-    return {
+    row = VARIANTS[variant]
+    metadata = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURE[variant],
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[row.structure],
         "modelspec.implementation": "sgm",
         "modelspec.title": src.stem,
-        "sdxl_ckpt.variant": variant,
+        VARIANT_METADATA: variant,
         "sdxl_ckpt.source.ckpt": str(src),
         "sdxl_ckpt.version": __version__,
     }
+    if row.prediction_type == "v_prediction":
+        metadata["modelspec.prediction_type"] = "v"
+    return metadata
 
 
-def _sd_named(entries: list[TensorEntry]) -> tuple[dict[str, TensorEntry], list[tuple[str | None, str]]]:
-    """MindSpore entries under their SD names; a name the rename rules would not give is a problem."""
-    out: dict[str, TensorEntry] = {}
-    problems: list[tuple[str | None, str]] = []
-    for entry in entries:
-        sd = sd_name(entry.name)
-        ms, _rule = sd_to_ms_name(sd)
-        if ms != entry.name:
-            hint = f"; the MindSpore name of {sd!r} is {ms!r}" if ms else ""
-            problems.append((entry.name, f"not a MindSpore name the rename rules give{hint}"))
-        else:
-            out[sd] = entry
-    return out, problems
+def _presence(entry: TensorEntry, shape: tuple[int, ...]) -> TensorEntry:
+    """A presence marker (``v_pred``, ``ztsnr``) in the given shape, zeros of its dtype."""
+    values = np.zeros(shape, dtype=numpy_dtype(entry.dtype))
+    return TensorEntry(entry.name, entry.dtype, shape, lambda: values, source=entry.source)
+
+
+def _as_int64(entry: TensorEntry, name: str) -> TensorEntry:
+    """An integer tensor (mindone's int32 ``position_ids``) as the int64 SD files hold."""
+    if entry.dtype == "I64":
+        return entry
+    return TensorEntry(name, "I64", entry.shape, lambda: entry.load().astype(np.int64), source=entry.source)
 
 
 def ms_to_st(
@@ -363,22 +394,33 @@ def ms_to_st(
         "a MindSpore ckpt or MindSpore-named safetensors",
     )
     entries, metadata, extra = _read_ms(src, found.kind)
-    sd_entries, problems = _sd_named(entries)
+    sd_entries, problems = ms_entries_as_sd(entries)
     raise_problems(problems, src)
-    shapes = {n: e.shape for n, e in sd_entries.items()}
-    architecture, detection = read_architecture(keys, shapes, metadata, src)
-    check = check_exact(shapes, {n: e.dtype for n, e in sd_entries.items()}, architecture)
+    markers = {n: MARKERS[n] for n in sd_entries if n in MARKERS}
+    weights = {n: e for n, e in sd_entries.items() if n not in markers}
+    shapes = {n: e.shape for n, e in weights.items()}
+    architecture, detection = read_architecture(keys, {**shapes, **{m: () for m in markers}}, metadata, src)
+    check = check_exact(shapes, {n: e.dtype for n, e in weights.items()}, architecture)
     raise_problems([(sd_to_ms_name(k)[0] or k if k else k, m) for k, m in check.problems], src)
 
     with _Hasher() as hasher:
-        planned, restored = [], {}
+        planned, restored, notes = [], {}, []
         for name, spec in check.expected.items():
             entry = sd_entries.get(name)
-            if entry is not None:
+            if entry is not None and spec.dtype == "int" and entry.dtype != "I64":
+                notes.append(f"{name}: {entry.dtype} in MindSpore, written as int64 as SD files hold it")
+                planned.append(hasher.wrap(_as_int64(entry, name), name, "I64"))
+            elif entry is not None:
                 planned.append(hasher.wrap(entry, name, entry.dtype))
-            elif sd_to_ms_name(name)[0] is None:
+            elif sd_to_ms_name(name)[0] is None or name.endswith(".position_ids"):
                 planned.append(hasher.wrap(_restore(name, spec), name, "I64"))
-                restored[name] = sd_to_ms_name(name)[1].why
+                restored[name] = "absent from the MindSpore file: regenerated as int64 0..n-1"
+        for name in markers:
+            entry = sd_entries[name]
+            if name in PRESENCE_MARKERS and entry.shape == (1,):
+                entry = _presence(entry, (0,))
+                notes.append(f"{name}: written empty, as ComfyUI saves it (its presence is the fact)")
+            planned.append(hasher.wrap(entry, name, entry.dtype))
         absent = [k for k, e in check.expected.items() if not e.required and k not in sd_entries and k not in restored]
         written = write_safetensors(
             out, planned, sd_metadata(detection.variant, src), overwrite=overwrite, quiet=quiet, desc="ms-to-st"
@@ -397,6 +439,8 @@ def ms_to_st(
             hasher,
             renamed=renamed,
             stored_hash=stored_hash_note(metadata, src),
+            markers=markers,
+            notes=notes,
             **extra,
             seconds=round(time.monotonic() - started, 3),
         )
@@ -424,9 +468,17 @@ def render_report(report: Mapping[str, Any]) -> str:
     )
     rows = [{"dtype": k, "bytes": v, "size": human_bytes(v)} for k, v in report["bytes_by_dtype"].items()]
     lines.append(render_table(rows, ["dtype", "bytes", "size"]))
-    for title, items in (("dropped", report["dropped"]), ("restored", report["restored"])):
+    for title, items in (
+        ("dropped", report["dropped"]),
+        ("restored", report["restored"]),
+        ("generated", report.get("generated", {})),
+    ):
         for key, why in items.items():
             lines.append(f"{title}: {key} ({why})")
+    for key, meaning in report.get("markers", {}).items():
+        lines.append(f"kept: {key} ({meaning})")
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
     for key in report["optional_absent"]:
         lines.append(f"optional, absent: {key}")
     return "\n".join(lines)

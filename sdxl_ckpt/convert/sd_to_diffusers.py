@@ -28,8 +28,8 @@ from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.keymaps.diffusers_sd import SD_PREFIXES
 from sdxl_ckpt.keymaps.sd_diffusers_plan import ComponentPlan, plan_component, split_components
 from sdxl_ckpt.sdxl.architecture import METADATA, WEIGHTS, infer_architecture
-from sdxl_ckpt.sdxl.configs import VARIANTS, model_index, structure_of
-from sdxl_ckpt.sdxl.detect import Detection, detect_variant
+from sdxl_ckpt.sdxl.configs import model_index
+from sdxl_ckpt.sdxl.variants import VARIANT_NAMES, Detection, structure_of
 
 CONFIG_METADATA = "sdxl_ckpt.config."  # + component: its config.json text, written by diffusers-to-sd
 WEIGHT_BASENAME = {
@@ -132,11 +132,11 @@ def read_sd_input(src: str | os.PathLike, keys: str = "auto") -> dict[str, Any]:
         }
     entries = header.by_name()
     if keys == "auto":
-        detection = detect_variant({n: e.shape for n, e in entries.items()}, header.metadata, path=src)
-    elif keys in VARIANTS:
+        detection = infer_architecture({n: e.shape for n, e in entries.items()}, header.metadata, path=src).detection
+    elif keys in VARIANT_NAMES:
         detection = Detection(keys, "--keys")
     else:
-        raise InputError(f"--keys must be one of auto, {', '.join(VARIANTS)}, not {keys!r}")
+        raise InputError(f"--keys must be one of auto, {', '.join(VARIANT_NAMES)}, not {keys!r}")
     return {
         "kind": "sd",
         "entries": entries,

@@ -259,3 +259,17 @@ def component_folders(src_dir: str | Path, overrides: Mapping[str, str | Path | 
         if path is not None:
             folders[name] = Path(path)
     return folders
+
+
+def read_scheduler_config(pipeline: str | Path) -> dict[str, Any]:
+    """``scheduler/scheduler_config.json`` of a pipeline folder ({} when it has none: SDXL's own is assumed)."""
+    path = Path(pipeline) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"not a readable JSON file ({exc.__class__.__name__})", path=path) from None
+    if not isinstance(value, dict):
+        raise CorruptFileError("scheduler config is not a JSON object", path=path)
+    return value

@@ -12,8 +12,9 @@ from functools import cache, cached_property
 from pathlib import Path
 
 from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.sdxl.variants import MODEL_KINDS
 
-VARIANTS = ("base", "refiner", "lcm")
+VARIANTS = MODEL_KINDS  # the generated keymaps: one per official model kind
 KEYMAP_DIR = Path(__file__).resolve().parent
 
 

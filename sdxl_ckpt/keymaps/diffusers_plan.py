@@ -18,15 +18,21 @@ import numpy as np
 
 from sdxl_ckpt import __version__
 from sdxl_ckpt.errors import InputError, KeyMismatchError
-from sdxl_ckpt.formats.diffusers_folder import Component, component_folders, read_component
+from sdxl_ckpt.formats.diffusers_folder import Component, component_folders, read_component, read_scheduler_config
 from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, cast_array, numpy_dtype, target_dtype
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.keymaps.diffusers_sd import SD_PREFIXES, Target, map_component_keys
 from sdxl_ckpt.keymaps.transforms import TRANSFORMS
+from sdxl_ckpt.sdxl.variants import (
+    COND_PROJ_KEY,
+    LATENT_MARKERS,
+    MARKERS,
+    MODELSPEC_ARCHITECTURE,
+    VARIANT_METADATA,
+    detect_from_configs,
+    markers_from_scheduler,
+)
 
-ARCHITECTURES = {"base": "stable-diffusion-xl-v1-base", "refiner": "stable-diffusion-xl-v1-refiner"}
-# SDXL's added conditioning: base (original size, crop, target size) = 6 numbers; refiner (size, crop, aesthetic) = 5
-TIME_IDS = {6: "base", 5: "refiner"}
 LOGIT_SCALE = math.log(100.0)  # CLIP's learned temperature, as stored in the official SDXL file
 
 
@@ -71,6 +77,21 @@ def _generated_entry(name: str, generator: str, component: Component, float_dtyp
     raise InputError(f"unknown generator {generator!r}")
 
 
+def _marker_entries(names: set[str], scheduler: dict[str, Any], vae: dict[str, Any]) -> list[TensorEntry]:
+    """The marker tensors other tools read (Playground's latent statistics, ComfyUI's v-prediction flags)."""
+    out = []
+    for name in sorted(names):
+        if name in LATENT_MARKERS:
+            values = vae[LATENT_MARKERS[name]]
+            array = np.asarray(values, dtype=np.float32).reshape(1, -1, 1, 1)
+        elif name.startswith("edm_vpred."):
+            array = np.asarray(float(scheduler[name.removeprefix("edm_vpred.")]), dtype=np.float32)
+        else:  # v_pred, ztsnr: presence is the fact (ComfyUI saves empty tensors)
+            array = np.zeros((0,), dtype=np.float32)
+        out.append(TensorEntry(name, "F32", tuple(array.shape), lambda a=array: a, f"generated: {MARKERS[name]}"))
+    return out
+
+
 # --- planning -------------------------------------------------------------------------------------------------------
 
 
@@ -82,32 +103,6 @@ def _requested_dtype(dtype: str | None) -> str | None:
     if dtype in FLOAT_DTYPES:
         return dtype
     raise InputError(f"unknown --dtype {dtype!r} (expected one of {', '.join(DTYPE_CHOICES)})")
-
-
-def detect_architecture(unet: Component, text_encoder_2: Component) -> str:
-    """base or refiner, from the UNet config (diffusers' own criterion: the added-conditioning width)."""
-    cfg = unet.config
-    if cfg.get("addition_embed_type") != "text_time":
-        raise InputError(
-            f"not an SDXL UNet: addition_embed_type is {cfg.get('addition_embed_type')!r}, SDXL has 'text_time'",
-            path=unet.folder / "config.json",
-        )
-    try:
-        extra = int(cfg["projection_class_embeddings_input_dim"]) - int(text_encoder_2.config["projection_dim"])
-        ids, rest = divmod(extra, int(cfg["addition_time_embed_dim"]))
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        raise InputError(
-            "UNet / text_encoder_2 config lacks projection_class_embeddings_input_dim, "
-            "addition_time_embed_dim or projection_dim",
-            path=unet.folder / "config.json",
-        ) from None
-    if rest or ids not in TIME_IDS:
-        count = extra / int(cfg["addition_time_embed_dim"])
-        raise InputError(
-            f"not an SDXL base or refiner UNet: its added conditioning holds {count:g} time ids (base 6, refiner 5)",
-            path=unet.folder / "config.json",
-        )
-    return TIME_IDS[ids]
 
 
 def _check_context(arch: str, unet: Component, encoders: Sequence[Component]) -> None:
@@ -208,9 +203,14 @@ def plan_sd_entries(
             )
     unet = read_component("unet", folders["unet"], variant)
     text_encoder_2 = read_component("text_encoder_2", folders["text_encoder_2"], variant)
-    arch = detect_architecture(unet, text_encoder_2)
+    vae = read_component("vae", folders["vae"], variant)
+    scheduler = read_scheduler_config(src_dir)
+    declared = {VARIANT_METADATA: "lcm"} if lcm else {}
+    arch, detection = detect_from_configs(
+        unet.config, text_encoder_2.config, scheduler, vae.config, declared, path=unet.folder / "config.json"
+    )
     notes: list[str] = []
-    components = [unet, read_component("vae", folders["vae"], variant)]
+    components = [unet, vae]
     if arch == "base":
         text_encoder = read_component("text_encoder", folders["text_encoder"], variant)
         _check_context(arch, unet, [text_encoder, text_encoder_2])
@@ -221,11 +221,11 @@ def plan_sd_entries(
         if folders["text_encoder"].is_dir():
             notes.append(f"{folders['text_encoder']} ignored: the refiner has no CLIP-L encoder")
     cond_proj = bool(unet.config.get("time_cond_proj_dim"))
-    if (lcm or cond_proj) and arch != "base":
+    if lcm and arch != "base":
         raise InputError("an LCM UNet has the SDXL base structure; this UNet is a refiner", path=unet.folder)
     if cond_proj and not lcm:
         notes.append("UNet has time_cond_proj_dim (guidance embedding): marked as LCM")
-    model_variant = "lcm" if (lcm or cond_proj) else arch
+    model_variant = detection.variant
 
     entries: list[TensorEntry] = []
     rows: list[dict[str, Any]] = []
@@ -237,17 +237,18 @@ def plan_sd_entries(
         dropped += gone
         notes += [f"{component.name}: {n}" for n in component.notes]
     if cond_proj:
-        notes.append(
-            "UNet guidance embedding time_embedding.cond_proj.weight written as "
-            "model.diffusion_model.time_cond_proj.weight"
-        )
+        notes.append(f"UNet guidance embedding time_embedding.cond_proj.weight written as {COND_PROJ_KEY}")
+    markers = _marker_entries(markers_from_scheduler(scheduler, vae.config), scheduler, vae.config)
+    entries += markers
+    for marker in markers:
+        notes.append(f"{marker.name} written ({MARKERS[marker.name]}): the SD file's only way to say so")
 
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURES[arch],
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[arch],
         "modelspec.implementation": "sgm",
         "modelspec.title": Path(src_dir).resolve().name + (" (LCM)" if model_variant == "lcm" else ""),
-        "sdxl_ckpt.variant": model_variant,
+        VARIANT_METADATA: model_variant,
         "sdxl_ckpt.version": __version__,
     }
     for component in components:

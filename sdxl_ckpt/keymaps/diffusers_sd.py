@@ -27,6 +27,7 @@ from typing import Any
 
 from sdxl_ckpt.errors import InputError, KeyMismatchError
 from sdxl_ckpt.keymaps.transforms import TRANSFORMS
+from sdxl_ckpt.sdxl.variants import COND_PROJ_KEY, UNET_PREFIX
 
 QKV_ORDER = ("q", "k", "v")
 
@@ -277,7 +278,9 @@ UNET_TEXT_TIME: tuple[Block, ...] = (  # addition_embed_type == "text_time" (SDX
     Block("add_embedding.linear_2.", "label_emb.0.2.", "leaf"),
 )
 # guidance-embedded LCM UNets (config time_cond_proj_dim): nn.Linear without bias; the SD name is this project's
-UNET_COND_PROJ: tuple[Block, ...] = (Block("time_embedding.cond_proj.", "time_cond_proj.", "leaf_no_bias"),)
+UNET_COND_PROJ: tuple[Block, ...] = (
+    Block("time_embedding.cond_proj.", COND_PROJ_KEY.removeprefix(UNET_PREFIX).removesuffix("weight"), "leaf_no_bias"),
+)
 
 VAE_TOP: tuple[Block, ...] = tuple(
     Block(f"{part}.{d}.", f"{part}.{s}.", "leaf")

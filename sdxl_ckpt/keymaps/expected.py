@@ -44,6 +44,9 @@ OPTIONAL = {
 }
 
 
+PRUNED_WHY = "pruned in this file: SDXL reads CLIP-L's penultimate layer and never its final norm"
+
+
 class _Params:
     """An ordered parameter listing, built like ``nn.Module`` registration (prefix + name -> shape)."""
 
@@ -284,4 +287,8 @@ def expected_keys(architecture: Architecture) -> dict[str, ExpectedKey]:
     for component in SD_ORDER:
         if component in architecture.configs and component in prefixes:
             out.update(sd_component_keys(component, architecture.configs[component], prefixes[component]))
+    if architecture.optional:
+        for name, spec in out.items():
+            if spec.required and name.startswith(architecture.optional):
+                out[name] = ExpectedKey(spec.shape, spec.dtype, required=False, why=PRUNED_WHY)
     return out

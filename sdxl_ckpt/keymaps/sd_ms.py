@@ -3,7 +3,8 @@
 MindSpore's ``nn.GroupNorm`` / ``nn.LayerNorm`` call their affine parameters ``gamma`` / ``beta`` and
 ``nn.Embedding`` calls its table ``embedding_table``; everything else (convs, linears, raw Parameters such as
 ``positional_embedding``, ``text_projection``, ``logit_scale``, ``attn.in_proj_*``) keeps its SD name.
-``position_ids`` is a buffer, not a parameter, so it is dropped (``ms-to-st`` regenerates it).
+CLIP-L's ``position_ids`` (an int64 buffer in SD files) is an int32 Parameter [1, 77] in mindone's
+``CLIPTextEmbeddings``, so it is written under the same name as int32 (same values); ``ms-to-st`` gives back int64.
 The first rule whose pattern fully matches the SD key decides. The generated keymaps (``base.yaml``...) spell
 out every resulting pair.
 """
@@ -13,6 +14,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
+
+from sdxl_ckpt.formats.entries import TensorEntry
+from sdxl_ckpt.sdxl.architecture import sd_name
 
 # modules whose .weight/.bias are a GroupNorm/LayerNorm affine: matched as the LAST path component(s) of the module
 NORM_MODULES = (
@@ -40,6 +44,7 @@ class Rule:
     pattern: str
     replacement: str | None
     why: str
+    dtype: str | None = None  # the MindSpore dtype when the value must change type (integers only, never floats)
 
     @cached_property
     def regex(self) -> re.Pattern[str]:
@@ -49,8 +54,10 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule(
         r".*\.position_ids",
-        None,
-        "int64 buffer (arange of the positions), not a parameter: MindSpore's CLIP has none; ms-to-st regenerates it",
+        r"\g<0>",
+        "int64 buffer in SD files; mindone's CLIPTextEmbeddings declares an int32 Parameter [1, n]: written as int32 "
+        "(same values), back to int64 by ms-to-st",
+        dtype="I32",
     ),
     Rule(rf"(?P<m>{_NORM})\.weight", r"\g<m>.gamma", "GroupNorm/LayerNorm weight is 'gamma' in MindSpore"),
     Rule(rf"(?P<m>{_NORM})\.bias", r"\g<m>.beta", "GroupNorm/LayerNorm bias is 'beta' in MindSpore"),
@@ -66,3 +73,18 @@ def sd_to_ms_name(sd_key: str, rules: tuple[Rule, ...] = RULES) -> tuple[str | N
         if match is not None:
             return (None if rule.replacement is None else match.expand(rule.replacement)), rule
     raise AssertionError("the last rule matches every key")  # pragma: no cover
+
+
+def ms_entries_as_sd(entries: list[TensorEntry]) -> tuple[dict[str, TensorEntry], list[tuple[str | None, str]]]:
+    """MindSpore entries under their SD names; a name the rename rules would not give is a problem."""
+    out: dict[str, TensorEntry] = {}
+    problems: list[tuple[str | None, str]] = []
+    for entry in entries:
+        sd = sd_name(entry.name)
+        ms, _rule = sd_to_ms_name(sd)
+        if ms != entry.name:
+            hint = f"; the MindSpore name of {sd!r} is {ms!r}" if ms else ""
+            problems.append((entry.name, f"not a MindSpore name the rename rules give{hint}"))
+        else:
+            out[sd] = entry
+    return out, problems

@@ -22,11 +22,13 @@ import numpy as np
 
 from sdxl_ckpt.errors import InputError, KeyMismatchError
 from sdxl_ckpt.formats.atomic import check_output
-from sdxl_ckpt.formats.dtypes import cast_array, to_float32
+from sdxl_ckpt.formats.dtypes import cast_array, numpy_dtype, to_float32
 from sdxl_ckpt.formats.entries import TensorEntry
+from sdxl_ckpt.keymaps.sd_ms import sd_to_ms_name
 from sdxl_ckpt.lora.delta import delta_on_sd, lora_delta
 from sdxl_ckpt.lora.read import LoraFile, LoraGroup, read_lora
 from sdxl_ckpt.report import render_table
+from sdxl_ckpt.sdxl.architecture import sd_name as sd_name_of
 
 LAYOUTS = ("sd", "ckpt")
 MS_SUFFIXES = (".gamma", ".beta", ".embedding_table")
@@ -45,16 +47,15 @@ class Base:
 
 
 def _variant(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path, keys: str) -> str:
-    from sdxl_ckpt.sdxl.detect import detect_variant
+    from sdxl_ckpt.sdxl.architecture import infer_architecture
 
-    return keys if keys != "auto" else detect_variant(shapes, metadata, path=path).variant
+    return keys if keys != "auto" else infer_architecture(shapes, metadata, path=path).variant
 
 
 def open_base(path: str | Path, keys: str = "auto") -> Base:
     """Read the base's headers: an SD or MindSpore-named safetensors, a MindSpore ckpt, or a diffusers folder."""
     from sdxl_ckpt.formats.ckpt_io import scan_ckpt
     from sdxl_ckpt.formats.safetensors_io import read_safetensors
-    from sdxl_ckpt.keymaps import load_keymap
 
     path = Path(path)
     if not path.exists():
@@ -76,8 +77,7 @@ def open_base(path: str | Path, keys: str = "auto") -> Base:
     if layout == "sd":
         sd_name = {e.name: e.name for e in entries}
     else:
-        table = load_keymap(variant).ms_to_sd
-        sd_name = {e.name: table[e.name] for e in entries if e.name in table}
+        sd_name = {e.name: sd_name_of(e.name) for e in entries}
     return Base(path, layout, entries, sd_name, variant, metadata)
 
 
@@ -127,8 +127,7 @@ def merge_loras(
     """Merge ``lora_paths`` (each times its ratio, default 1) into ``base_path``; write ``output``; the report."""
     from sdxl_ckpt.formats.ckpt_io import write_ckpt
     from sdxl_ckpt.formats.safetensors_io import write_safetensors
-    from sdxl_ckpt.keymaps import load_keymap
-    from sdxl_ckpt.sdxl.configs import structure_of
+    from sdxl_ckpt.sdxl.variants import structure_of
 
     ratios = list(ratios or [])
     if len(ratios) > len(lora_paths):
@@ -153,19 +152,19 @@ def merge_loras(
     stats: dict[str, dict[str, float]] = {}
     planned: list[TensorEntry] = []
     dropped: list[str] = []
-    keymap = load_keymap(base.variant) if layout == "ckpt" and base.layout != "ckpt" else None
+    renaming = layout == "ckpt" and base.layout != "ckpt"  # SD names -> MindSpore names, as st-to-ms renames
     for entry in base.entries:
         sd_key = base.sd_name.get(entry.name)
         if sd_key in patches:
             entry = dataclasses.replace(entry, loader=_merged_loader(entry, sd_key, patches[sd_key], stats))
-        if keymap is not None:
-            ms = keymap.sd_to_ms.get(entry.name)
+        if renaming:
+            ms, rule = sd_to_ms_name(entry.name)
             if ms is None:
-                if entry.name not in keymap.dropped:
-                    raise KeyMismatchError(f"not a key of the {base.variant} keymap", path=base.path, key=entry.name)
                 dropped.append(entry.name)
                 continue
             entry = dataclasses.replace(entry, name=ms)
+            if rule.dtype is not None:  # an integer buffer mindone declares with another integer type
+                entry = _as_dtype(entry, rule.dtype)
         planned.append(entry)
     if layout == "sd":
         metadata = dict(base.metadata)
@@ -217,3 +216,9 @@ def render_merge(report: dict[str, Any], shown: int = 15) -> str:
     if report["dropped"]:
         lines.append(f"not written to the ckpt (MindSpore has no such parameter): {', '.join(report['dropped'])}")
     return "\n".join(lines)
+
+
+def _as_dtype(entry: TensorEntry, dtype: str) -> TensorEntry:
+    """The same integer values in another integer dtype (mindone's int32 ``position_ids``)."""
+    target = numpy_dtype(dtype)
+    return dataclasses.replace(entry, dtype=dtype, loader=lambda: entry.load().astype(target))

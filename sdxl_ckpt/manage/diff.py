@@ -8,8 +8,9 @@ diffusers folder all compare name to name. Then one tensor pair at a time is loa
 - ``values``: values differ: max |a - b|, max relative difference max |a - b| / max |a| (A is the reference),
   and how many elements differ (NaN against NaN counts as equal, NaN against a number as a difference);
 - ``shape``: shapes differ (values not compared).
-A key that one side's format cannot store (``position_ids`` in MindSpore files) is listed as not comparable,
-not as a difference. Exit status: 0 identical, 1 any difference, 2 bad input.
+MindSpore's int32 ``position_ids`` is compared as the int64 the SD layout holds; a ckpt from before it was kept
+lacks it, and that is listed as not comparable, not as a difference.
+Exit status: 0 identical, 1 any difference, 2 bad input.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.nonfinite import count_nonfinite
 from sdxl_ckpt.keymaps import load_keymap
 from sdxl_ckpt.keymaps.diffusers_plan import plan_sd_entries
+from sdxl_ckpt.keymaps.sd_ms import sd_to_ms_name
 from sdxl_ckpt.manage.sources import Checkpoint, open_checkpoint
 from sdxl_ckpt.progress import byte_bar
 from sdxl_ckpt.report import key_listing, render_table
 from sdxl_ckpt.sdxl.components import COMPONENTS, component_of
+from sdxl_ckpt.sdxl.variants import structure_of
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # widened values are compared in chunks to bound memory
 SHOWN = 20
@@ -57,8 +60,17 @@ def _side(path: str | Path, keys: str, weight_variant: str | None) -> Side:
     if ckpt.format in MS_FORMATS and ckpt.variant == "unknown":
         raise InputError(f"cannot map MindSpore names to SD names: {ckpt.variant_reason}; pass --keys", path=path)
     entries = {ckpt.sd_name.get(e.name, e.name): e for e in ckpt.entries}
-    cannot = load_keymap(ckpt.variant).dropped if ckpt.format in MS_FORMATS else {}
-    return Side(ckpt, entries, dict(cannot))
+    cannot: dict[str, str] = {}
+    if ckpt.format in MS_FORMATS:
+        for name, entry in list(entries.items()):
+            if sd_to_ms_name(name)[1].dtype is not None and entry.dtype != "I64":  # int32 by rule, int64 in SD
+                entries[name] = TensorEntry(
+                    name, "I64", entry.shape, lambda e=entry: e.load().astype(np.int64), source=entry.source
+                )
+        keymap = load_keymap(structure_of(ckpt.variant))
+        ids = [s for s in keymap.optional_sd if s.endswith(".position_ids") and s not in entries]
+        cannot.update({name: "ckpts written before it was kept do not hold it" for name in ids})
+    return Side(ckpt, entries, cannot)
 
 
 def _wide(array: np.ndarray, dtype: str, wide: type) -> np.ndarray:

@@ -15,16 +15,14 @@ from pathlib import Path
 
 from sdxl_ckpt.errors import CorruptFileError, InputError, SdxlCkptError
 from sdxl_ckpt.formats.ckpt_io import scan_ckpt
-from sdxl_ckpt.formats.diffusers_folder import Component, read_component
+from sdxl_ckpt.formats.diffusers_folder import Component, read_component, read_scheduler_config
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.safetensors_io import read_safetensors
 from sdxl_ckpt.formats.sniff import expect, sniff
-from sdxl_ckpt.keymaps import VARIANTS
-from sdxl_ckpt.keymaps.diffusers_plan import detect_architecture
 from sdxl_ckpt.keymaps.sd_ms import sd_to_ms_name
-from sdxl_ckpt.sdxl.architecture import sd_name
+from sdxl_ckpt.sdxl.architecture import infer_architecture, sd_name
 from sdxl_ckpt.sdxl.components import DIFFUSERS_FOLDERS, component_of, partial_of
-from sdxl_ckpt.sdxl.detect import detect_variant
+from sdxl_ckpt.sdxl.variants import VARIANT_NAMES, detect_from_configs, detect_variant
 
 FORMAT_LABELS = {
     "sd": "SD safetensors",
@@ -89,12 +87,13 @@ def sniff_format(path: Path) -> str:
 
 
 def _detect(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path) -> tuple[str, str, list[str]]:
-    """Variant (base / refiner / lcm / unknown), the reason, and notes; an unknown variant is not an error here."""
+    """Variant (a row of ``sdxl.variants`` or unknown), the reason, and notes; unknown is not an error here."""
     try:
-        found = detect_variant(shapes, metadata, path=path)
+        found = infer_architecture(shapes, metadata, path=path).detection
     except SdxlCkptError as err:
         message = str(err).removeprefix(f"{path}: ")
         return "unknown", message, []
+    assert found is not None
     return found.variant, found.reason, [found.note] if found.note else []
 
 
@@ -194,10 +193,15 @@ def _open_diffusers(path: Path, keys: str, variant: str | None) -> Checkpoint:
         )
         if extra:
             ckpt.notes.append(f"other UNet folders here (not part of the pipeline): {', '.join(extra)}")
-    elif parts[0].name == "unet" and parts[0].config.get("time_cond_proj_dim"):
-        ckpt.variant, ckpt.variant_reason = "lcm", "a UNet folder whose config has time_cond_proj_dim"
     else:
         ckpt.variant_reason = f"a single {parts[0].name} folder: the other components decide"
+        if parts[0].name == "unet":  # a UNet alone can still say what it is (guidance embedding, input channels)
+            try:
+                found = detect_variant("base", parts[0].config, frozenset())
+            except SdxlCkptError:
+                found = None
+            if found is not None and found.variant in ("lcm", "inpaint", "pix2pix"):
+                ckpt.variant, ckpt.variant_reason = found.variant, f"a UNet folder: {found.reason}"
     return ckpt
 
 
@@ -210,20 +214,25 @@ def _detect_pipeline(ckpt: Checkpoint, parts: dict[str, Component], keys: str) -
         ckpt.variant_reason = f"no {' and no '.join(missing)} folder"
         return
     try:
-        arch = detect_architecture(parts["unet"], parts["text_encoder_2"])
+        _structure, found = detect_from_configs(
+            parts["unet"].config,
+            parts["text_encoder_2"].config,
+            read_scheduler_config(ckpt.path),
+            parts["vae"].config if "vae" in parts else None,
+            path=ckpt.path,
+        )
     except SdxlCkptError as err:
         ckpt.variant_reason = str(err)
         return
-    if arch == "base" and parts["unet"].config.get("time_cond_proj_dim"):
-        ckpt.variant, ckpt.variant_reason = "lcm", "UNet config has time_cond_proj_dim (guidance embedding)"
-    else:
-        ckpt.variant, ckpt.variant_reason = arch, "UNet added-conditioning width (addition_time_embed_dim)"
+    ckpt.variant, ckpt.variant_reason = found.variant, f"{found.reason} (from the configs)"
+    if found.note:
+        ckpt.notes.append(found.note)
 
 
 def open_checkpoint(path: str | Path, *, keys: str = "auto", weight_variant: str | None = None) -> Checkpoint:
     """Describe ``path`` (file or diffusers folder) from headers only; ``keys`` forces the variant's keymap."""
-    if keys != "auto" and keys not in VARIANTS:
-        raise InputError(f"--keys must be auto or one of {', '.join(VARIANTS)}, not {keys!r}")
+    if keys != "auto" and keys not in VARIANT_NAMES:
+        raise InputError(f"--keys must be auto or one of {', '.join(VARIANT_NAMES)}, not {keys!r}")
     path = Path(path)
     kind = sniff_format(path)
     if kind == "diffusers":

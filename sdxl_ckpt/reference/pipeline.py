@@ -27,6 +27,7 @@ import numpy as np
 
 from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.sdxl.samplers import reference_sampler
+from sdxl_ckpt.sdxl.variants import COND_PROJ_KEY
 from sdxl_ckpt.sdxl_runtime.sampling.discretization import legacy_ddpm_timesteps
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -115,14 +116,24 @@ def _pipeline_class(refiner: bool) -> Any:
     return StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
 
 
-def _configs_from(metadata: dict[str, str], config_dir: Path | None) -> dict[str, str | None]:
-    """Component config.json texts: the ``sdxl_ckpt.config.*`` metadata diffusers-to-sd writes, else ``config_dir``."""
+def _configs_from(
+    metadata: dict[str, str], config_dir: Path | None, shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, str | None]:
+    """Component config.json texts: the ``sdxl_ckpt.config.*`` metadata diffusers-to-sd writes, else ``config_dir``,
+    else the architecture read from the file's tensor shapes (head counts by SDXL's 64-channel convention)."""
     configs = {c: metadata.get(f"sdxl_ckpt.config.{c}") for c in COMPONENTS}
     if config_dir is not None:
         for c in COMPONENTS:
             path = config_dir / c / "config.json"
             if configs[c] is None and path.is_file():
                 configs[c] = path.read_text()
+    if shapes is not None and any(configs[c] is None for c in ("unet", "vae", "text_encoder_2")):
+        from sdxl_ckpt.sdxl.architecture import infer_architecture
+
+        inferred = infer_architecture(shapes, metadata).configs
+        for c in COMPONENTS:
+            if configs[c] is None and c in inferred:
+                configs[c] = json.dumps(inferred[c])
     missing = [c for c in ("unet", "vae", "text_encoder_2") if configs[c] is None]
     if missing:
         raise InputError(
@@ -132,7 +143,9 @@ def _configs_from(metadata: dict[str, str], config_dir: Path | None) -> dict[str
     return configs
 
 
-def write_config_folder(metadata: dict[str, str], out: Path, config_dir: Path | None) -> tuple[bool, int | None]:
+def write_config_folder(
+    metadata: dict[str, str], out: Path, config_dir: Path | None, shapes: dict[str, tuple[int, ...]] | None = None
+) -> tuple[bool, int | None]:
     """A diffusers config folder (model_index, component configs, scheduler, tokenizers) for from_single_file.
 
     Tokenizers are not in an SD file: they are copied from ``config_dir`` (any diffusers SDXL folder) or, for the
@@ -146,7 +159,7 @@ def write_config_folder(metadata: dict[str, str], out: Path, config_dir: Path | 
     from sdxl_ckpt.sdxl.configs import SCHEDULER_CONFIG, model_index
     from sdxl_ckpt.sdxl.tokenizers import BYTE_LEVEL_VOCAB_SIZE, write_tokenizers
 
-    configs = _configs_from(metadata, config_dir)
+    configs = _configs_from(metadata, config_dir, shapes)
     refiner = configs["text_encoder"] is None
     unet = json.loads(configs["unet"])
     cond_dim = unet.pop("time_cond_proj_dim", None)
@@ -175,7 +188,7 @@ def write_config_folder(metadata: dict[str, str], out: Path, config_dir: Path | 
     return refiner, cond_dim
 
 
-COND_PROJ_SD_KEY = "model.diffusion_model.time_cond_proj.weight"
+COND_PROJ_SD_KEY = COND_PROJ_KEY
 
 
 def attach_cond_proj(pipe: Any, src: Path, cond_dim: int) -> None:
@@ -220,10 +233,12 @@ def load_pipeline(
             raise InputError("source not found (expected a diffusers folder or an SD .safetensors file)", path=src)
         from sdxl_ckpt.formats.safetensors_io import read_safetensors
 
-        metadata = dict(read_safetensors(src).metadata or {})
+        source = read_safetensors(src)
+        metadata = dict(source.metadata or {})
+        shapes = {e.name: e.shape for e in source.entries}
         with tempfile.TemporaryDirectory(prefix="sdxl-ckpt-config-") as tmp:
             refiner, cond_dim = write_config_folder(
-                metadata, Path(tmp), Path(config_dir) if config_dir is not None else None
+                metadata, Path(tmp), Path(config_dir) if config_dir is not None else None, shapes
             )
             pipe = _pipeline_class(refiner).from_single_file(
                 str(src), config=tmp, local_files_only=True, torch_dtype=torch.float32, **extra

@@ -21,6 +21,16 @@ from typing import Any
 
 from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.sdxl.configs import FULL_CONFIGS, SCHEDULER_CONFIG
+from sdxl_ckpt.sdxl.variants import (
+    COND_PROJ_KEY,
+    MARKERS,
+    PLAYGROUND_VAE_SCALING,
+    TIME_IDS,
+    Detection,
+    detect_variant,
+    scheduler_for,
+    structure_from_keys,
+)
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -30,7 +40,6 @@ CLIP_L = "conditioner.embedders.0.transformer.text_model."
 OPENCLIP = {"base": "conditioner.embedders.1.model.", "refiner": "conditioner.embedders.0.model."}
 CONFIG_METADATA = "sdxl_ckpt.config."
 HEAD_CHANNELS = 64  # SDXL's attention heads are 64 channels wide in the UNet and both text encoders
-TIME_IDS = {"base": 6, "refiner": 5}  # base: original size, crop, target size; refiner: size, crop, aesthetic score
 CONVENTION = "SDXL convention"
 WEIGHTS = "weights"
 METADATA = "metadata"
@@ -46,6 +55,8 @@ class Architecture:
     ``configs`` holds diffusers ``config.json`` dicts for the components present (``unet``, ``vae``,
     ``text_encoder`` for base-structured models, ``text_encoder_2``); ``provenance`` maps ``component.field`` to
     ``weights``, ``metadata`` or the convention used, for every field the shapes did not decide.
+    The defaulted fields say more about a file read from disk: the detection, its marker tensors, and what it may
+    lack without being incomplete.
     """
 
     variant: str
@@ -53,6 +64,9 @@ class Architecture:
     configs: dict[str, dict[str, Any]]
     scheduler: dict[str, Any]
     provenance: dict[str, str]
+    detection: Detection | None = None  # why this variant (None when built by hand)
+    markers: frozenset[str] = frozenset()  # marker tensors present (sdxl.variants.MARKERS)
+    optional: tuple[str, ...] = ()  # SD key prefixes this file may lack (pruned text-encoder layers)
 
 
 def sd_name(name: str) -> str:
@@ -294,7 +308,7 @@ def _unet(
     else:
         raise InputError("UNet: no label_emb (SDXL's size/crop conditioning): not an SDXL UNet", path=path)
 
-    cond_proj = shapes.get(UNET + "time_cond_proj.weight")
+    cond_proj = shapes.get(COND_PROJ_KEY)
     b.weights("time_cond_proj_dim", cond_proj[1] if cond_proj else None)
     proj_in = next((s for n, s in shapes.items() if n.startswith(UNET) and n.endswith(".proj_in.weight")), None)
     if proj_in is not None:
@@ -362,29 +376,44 @@ def _vae(shapes: Shapes, declared: Mapping[str, Any], path: object) -> tuple[dic
 # --- text encoders ----------------------------------------------------------------------------------------------------
 
 
-def _text_common(b: _Builder, hidden: int, vocab: int, positions: int, layers: int, intermediate: int) -> None:
+def _text_common(b: _Builder, hidden: int, vocab: int, positions: int, layers: int, intermediate: int) -> int:
+    """Fill the widths and depth; returns how many last layers the file lacks (pruned), by metadata or convention."""
+    official = FULL_CONFIGS["base"][b.component]
     b.weights("hidden_size", hidden)
     b.weights("vocab_size", vocab)
     b.weights("max_position_embeddings", positions)
     b.weights("intermediate_size", intermediate)
     declared_layers = b.declared.get("num_hidden_layers")
+    pruned = 0
     if isinstance(declared_layers, int) and declared_layers > layers:
+        pruned = declared_layers - layers
         b.weights("num_hidden_layers", declared_layers, f"{METADATA} (the file holds {layers}: last layers pruned)")
+    elif not b.declared and hidden == official["hidden_size"] and layers == official["num_hidden_layers"] - 1:
+        pruned = 1
+        b.weights(
+            "num_hidden_layers",
+            official["num_hidden_layers"],
+            f"{CONVENTION} (the file holds {layers} of {official['num_hidden_layers']} layers: the last is pruned)",
+        )
     else:
         b.weights("num_hidden_layers", layers)
     b.guess("num_attention_heads", heads_for(hidden), f"{CONVENTION} ({HEAD_CHANNELS}-channel heads)")
     heads = b.config["num_attention_heads"]
     if not isinstance(heads, int) or heads <= 0 or hidden % heads:
         b.weights("num_attention_heads", heads_for(hidden), f"{CONVENTION} ({HEAD_CHANNELS}-channel heads)")
+    return pruned
 
 
-def _clip_l(shapes: Shapes, declared: Mapping[str, Any], path: object) -> tuple[dict[str, Any], dict[str, str]]:
+def _clip_l(
+    shapes: Shapes, declared: Mapping[str, Any], path: object, optional: list[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """CLIP-L; its last layer(s) and final norm may be pruned (SDXL reads the penultimate layer, never the norm)."""
     b = _Builder("text_encoder", FULL_CONFIGS["base"]["text_encoder"], declared)
     token = _shape(shapes, CLIP_L + "embeddings.token_embedding.weight", path)
     layers = _indices(shapes, CLIP_L + "encoder.layers.")
     if not layers:
         raise InputError("CLIP-L: no encoder layers", path=path)
-    _text_common(
+    pruned = _text_common(
         b,
         hidden=token[1],
         vocab=token[0],
@@ -393,6 +422,10 @@ def _clip_l(shapes: Shapes, declared: Mapping[str, Any], path: object) -> tuple[
         intermediate=_shape(shapes, f"{CLIP_L}encoder.layers.0.mlp.fc1.weight", path)[0],
     )
     b.guess("projection_dim", token[1], f"{CONVENTION} (CLIP-L keeps no projection: its width)")
+    total = b.config["num_hidden_layers"]
+    optional += [f"{CLIP_L}encoder.layers.{i}." for i in range(total - pruned, total)]
+    if pruned or CLIP_L + "final_layer_norm.weight" not in shapes:
+        optional.append(CLIP_L + "final_layer_norm.")
     return b.config, b.provenance
 
 
@@ -404,7 +437,7 @@ def _openclip(
     layers = _indices(shapes, prefix + "transformer.resblocks.")
     if not layers:
         raise InputError("OpenCLIP: no transformer blocks", path=path)
-    _text_common(
+    pruned = _text_common(
         b,
         hidden=token[1],
         vocab=token[0],
@@ -413,35 +446,26 @@ def _openclip(
         intermediate=_shape(shapes, f"{prefix}transformer.resblocks.0.mlp.c_fc.weight", path)[0],
     )
     b.weights("projection_dim", _shape(shapes, prefix + "text_projection", path)[1])
+    if pruned:
+        raise InputError(
+            f"OpenCLIP has {layers[-1] + 1} of {b.config['num_hidden_layers']} blocks: the last is pruned, but SDXL "
+            f"computes its pooled text embedding from it ({prefix}transformer.resblocks.{layers[-1] + 1}.* absent)",
+            path=path,
+        )
     return b.config, b.provenance
 
 
 # --- the whole checkpoint ---------------------------------------------------------------------------------------------
 
 
-def structure_from_keys(shapes: Shapes, path: object | None = None) -> str:
-    """base or refiner, from where the OpenCLIP encoder sits (embedder 1 beside CLIP-L, or embedder 0 alone)."""
-    base = any(n.startswith(OPENCLIP["base"]) for n in shapes)
-    refiner = any(n.startswith(OPENCLIP["refiner"]) for n in shapes)
-    if base == refiner:
-        found = "both" if base else "neither"
-        raise InputError(
-            f"not an SDXL checkpoint: {found} of the OpenCLIP prefixes {OPENCLIP['base']!r} (base) and "
-            f"{OPENCLIP['refiner']!r} (refiner) found",
-            path=path,
-        )
-    return "base" if base else "refiner"
-
-
 def infer_architecture(
     shapes: Shapes, metadata: Mapping[str, str] | None = None, *, path: object | None = None
 ) -> Architecture:
     """The Architecture of a checkpoint with these tensor names (SD or MindSpore) and shapes, and its metadata."""
-    from sdxl_ckpt.sdxl.detect import detect_variant
-
     metadata = metadata or {}
     sd = sd_names(shapes)
     structure = structure_from_keys(sd, path)
+    optional: list[str] = []
     configs: dict[str, dict[str, Any]] = {}
     provenance: dict[str, str] = {}
 
@@ -452,18 +476,27 @@ def infer_architecture(
     add("text_encoder_2", _openclip(sd, OPENCLIP[structure], _declared(metadata, "text_encoder_2", path), path))
     context = configs["text_encoder_2"]["hidden_size"]
     if structure == "base":
-        add("text_encoder", _clip_l(sd, _declared(metadata, "text_encoder", path), path))
+        add("text_encoder", _clip_l(sd, _declared(metadata, "text_encoder", path), path, optional))
         context += configs["text_encoder"]["hidden_size"]
     pooled = configs["text_encoder_2"]["projection_dim"]
     add("unet", _unet(sd, structure, _declared(metadata, "unet", path), pooled, context, path))
     if any(n.startswith(VAE) for n in sd):
         add("vae", _vae(sd, _declared(metadata, "vae", path), path))
-    variant = detect_variant(sd, metadata, path=path).variant
+    markers = frozenset(n for n in sd if n in MARKERS)
+    detection = detect_variant(structure, configs["unet"], markers, metadata, path=path)
+    if detection.variant == "playground-v2.5" and "vae" in configs:
+        declared = _declared(metadata, "vae", path)
+        if "scaling_factor" not in declared:
+            configs["vae"]["scaling_factor"] = PLAYGROUND_VAE_SCALING
+            provenance["vae.scaling_factor"] = "variant playground-v2.5 (latents mean/std in edm_mean, edm_std)"
     order = ("unet", "vae", "text_encoder", "text_encoder_2")
     return Architecture(
-        variant=variant,
+        variant=detection.variant,
         structure=structure,
         configs={c: configs[c] for c in order if c in configs},
-        scheduler=copy.deepcopy(SCHEDULER_CONFIG),
+        scheduler=scheduler_for(detection.variant, SCHEDULER_CONFIG, markers),
         provenance=provenance,
+        detection=detection,
+        markers=markers,
+        optional=tuple(optional),
     )

@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from sdxl_ckpt.errors import InputError
-
-VARIANTS = ("base", "refiner", "lcm")
+from sdxl_ckpt.sdxl.variants import structure_of
 
 _SDXL_VAE: dict[str, Any] = {
     "act_fn": "silu",
@@ -155,13 +153,6 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
-
-
-def structure_of(variant: str) -> str:
-    """The key structure a variant has: LCM is the base structure (its UNet is a distilled base UNet)."""
-    if variant not in VARIANTS:
-        raise InputError(f"unknown variant {variant!r} (expected one of {', '.join(VARIANTS)})")
-    return "refiner" if variant == "refiner" else "base"
 
 
 def full_configs(variant: str) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdxl_ckpt.sdxl.configs import structure_of
+from sdxl_ckpt.sdxl.variants import structure_of
 
 BYTE_LEVEL_VOCAB_SIZE = 514  # 256 byte tokens + 256 "</w>" forms + <|startoftext|> + <|endoftext|>
 

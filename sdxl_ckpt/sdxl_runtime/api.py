@@ -24,13 +24,13 @@ from mindspore import Tensor
 
 from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.formats.entries import TensorEntry
-from sdxl_ckpt.sdxl_runtime.config import SDXLConfig, from_metadata, with_cond_proj
+from sdxl_ckpt.sdxl.variants import COND_PROJ_KEY
+from sdxl_ckpt.sdxl_runtime.config import METADATA_PREFIX, SDXLConfig, from_metadata, from_weights, with_cond_proj
 from sdxl_ckpt.sdxl_runtime.device import Runtime, configure
 from sdxl_ckpt.sdxl_runtime.loader import LoadReport, load_entries, read_entries
 from sdxl_ckpt.sdxl_runtime.model import ALL_COMPONENTS, SDXLNet
 from sdxl_ckpt.sdxl_runtime.unet import guidance_scale_embedding
 
-COND_PROJ_KEY = "model.diffusion_model.time_cond_proj.weight"
 LOGIT_SCALE_SUFFIX = "model.logit_scale"
 
 
@@ -89,20 +89,20 @@ class SDXLRuntime:
     ) -> SDXLRuntime:
         """Build the network for ``path`` and fill it strictly (KeyMismatchError naming keys otherwise).
 
-        ``config`` None: read from the file's ``sdxl_ckpt.config.*`` metadata (SD/MS-named safetensors only).
+        ``config`` None: read from the file's ``sdxl_ckpt.config.*`` metadata (SD/MS-named safetensors), else
+        inferred from the tensor names and shapes (a .ckpt has no metadata; head counts by SDXL's convention).
         """
         entries, metadata = read_entries(path)
+        notes: list[str] = []
         if config is None:
-            if not metadata:
-                raise InputError(
-                    "no config given and the file carries none (a .ckpt has no metadata): pass one, "
-                    "e.g. sdxl_runtime.config.preset('base')",
-                    path=path,
-                )
-            config = from_metadata(metadata)
-        config, notes = fit_optional_parts(config, entries)
+            if any(k.startswith(METADATA_PREFIX) for k in metadata):
+                config = from_metadata(metadata)
+            else:
+                config = from_weights({e.name: e.shape for e in entries}, metadata)
+                notes.append("config inferred from the tensor shapes (no sdxl_ckpt.config.* metadata)")
+        config, fitted = fit_optional_parts(config, entries)
         runtime = cls(config, device, dtype, components)
-        runtime.notes = notes
+        runtime.notes = notes + fitted
         runtime.load_report = load_entries(runtime.net, entries, path, quiet)
         return runtime
 

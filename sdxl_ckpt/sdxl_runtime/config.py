@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sdxl_ckpt.errors import InputError
+from sdxl_ckpt.sdxl.variants import MODEL_KINDS
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-VARIANTS = ("base", "refiner", "lcm")
+VARIANTS = MODEL_KINDS  # the kinds the runtime samples
 METADATA_PREFIX = "sdxl_ckpt.config."
 
 
@@ -297,6 +298,22 @@ def from_metadata(metadata: Mapping[str, str], variant: str | None = None) -> SD
     if missing:
         raise InputError("metadata lacks " + ", ".join(METADATA_PREFIX + c for c in missing))
     return from_diffusers_configs(**configs, variant=variant or metadata.get("sdxl_ckpt.variant"))
+
+
+def from_weights(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> SDXLConfig:
+    """SDXLConfig of a file with no config metadata: the architecture read from its names and shapes.
+
+    Head counts then follow the SDXL convention (64-channel heads), as ``sdxl.architecture`` says.
+    """
+    from sdxl_ckpt.sdxl.architecture import infer_architecture
+
+    arch = infer_architecture(shapes, metadata)
+    if arch.variant not in VARIANTS:
+        raise InputError(f"the runtime runs {', '.join(VARIANTS)}; this file is {arch.variant}")
+    if "vae" not in arch.configs:
+        raise InputError("the file has no VAE")
+    configs = {c: arch.configs.get(c) for c in COMPONENTS}
+    return from_diffusers_configs(**configs, variant=arch.variant)
 
 
 def check_consistent(config: SDXLConfig) -> None:

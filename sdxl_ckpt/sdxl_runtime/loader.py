@@ -27,9 +27,11 @@ from sdxl_ckpt.errors import KeyMismatchError, require_file
 from sdxl_ckpt.formats.dtypes import FLOAT_DTYPES, to_float32
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.progress import byte_bar
+from sdxl_ckpt.sdxl.variants import MARKERS
 from sdxl_ckpt.sdxl_runtime.model import SDXLNet, component_of
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+POSITION_IDS = ".position_ids"  # mindone's CLIP declares it as a Parameter; this network derives it
 MAX_NAMED = 8  # keys spelled out per kind of mismatch; the count says how many more
 
 
@@ -95,7 +97,9 @@ def check_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = N
         param = params.get(entry.name)
         if param is None:
             component = component_of(entry.name)
-            if component is not None and component not in net.components:
+            if entry.name.endswith(POSITION_IDS) or entry.name in MARKERS:
+                skipped += 1  # a buffer the network computes itself (0..76), or a fact, not a weight
+            elif component is not None and component not in net.components:
                 skipped += 1
             else:
                 unexpected.append(entry.name)

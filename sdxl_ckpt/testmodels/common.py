@@ -11,10 +11,13 @@ from sdxl_ckpt.sdxl.configs import SCHEDULER_CONFIG, model_index
 _COMPONENT_INDEX = {"unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3}
 
 
-def write_scheduler(out_dir: Path) -> None:
-    from diffusers import EulerDiscreteScheduler
+def write_scheduler(out_dir: Path, config: dict[str, Any] | None = None) -> None:
+    """SDXL's Euler scheduler, or the diffusers scheduler class ``config["_class_name"]`` names."""
+    import diffusers
 
-    EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(out_dir / "scheduler")
+    config = config or SCHEDULER_CONFIG
+    cls = getattr(diffusers, config.get("_class_name", "EulerDiscreteScheduler"))
+    cls.from_config(config).save_pretrained(out_dir / "scheduler")
 
 
 def write_model_index(out_dir: Path, variant: str) -> None:

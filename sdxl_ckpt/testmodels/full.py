@@ -22,8 +22,9 @@ from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.formats.diffusers_folder import with_text_model_level
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.safetensors_io import write_safetensors
-from sdxl_ckpt.sdxl.configs import full_configs, structure_of
+from sdxl_ckpt.sdxl.configs import full_configs
 from sdxl_ckpt.sdxl.tokenizers import write_tokenizers
+from sdxl_ckpt.sdxl.variants import structure_of
 from sdxl_ckpt.testmodels.common import component_seed, text_config, write_model_index, write_scheduler
 
 _WEIGHT_STEM = {

@@ -162,12 +162,12 @@ def synthetic_lora(out: Path, sd_file: Path, rank: int = 16, seed: int = 0) -> P
     from sdxl_ckpt.formats.entries import entry_from_array
     from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
     from sdxl_ckpt.lora.names import mindone_declares, module_index
-    from sdxl_ckpt.sdxl.configs import structure_of
-    from sdxl_ckpt.sdxl.detect import detect_variant
+    from sdxl_ckpt.sdxl.architecture import infer_architecture
+    from sdxl_ckpt.sdxl.variants import structure_of
 
     parsed = read_safetensors(sd_file)
     shapes = {e.name: e.shape for e in parsed.entries}
-    structure = structure_of(detect_variant(shapes, parsed.metadata).variant)
+    structure = structure_of(infer_architecture(shapes, parsed.metadata).variant)
     rng = np.random.default_rng(seed)
     entries = []
     for module in module_index(structure).modules.values():

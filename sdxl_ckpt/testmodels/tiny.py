@@ -21,8 +21,9 @@ from typing import Any
 from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.formats.atomic import atomic_output_dir, check_output_dir
 from sdxl_ckpt.formats.diffusers_folder import with_text_model_level
-from sdxl_ckpt.sdxl.configs import full_configs, structure_of
+from sdxl_ckpt.sdxl.configs import SCHEDULER_CONFIG, full_configs
 from sdxl_ckpt.sdxl.tokenizers import BYTE_LEVEL_VOCAB_SIZE, write_tokenizers
+from sdxl_ckpt.sdxl.variants import EDM_SCHEDULER, structure_of
 from sdxl_ckpt.testmodels.common import component_seed, text_config, write_model_index, write_scheduler
 
 # --- tiny widths: everything else stays as in FULL_CONFIGS -----------------------------------------
@@ -152,6 +153,18 @@ SHAPES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
             }
         },
     ),
+}
+
+
+# one tiny model per variant row that differs in its weights or its schedule
+_LATENT_STATS = {"latents_mean": [-1.6574, 1.886, -1.383, 2.5155], "latents_std": [8.4927, 5.9022, 6.5498, 5.2299]}
+SHAPES["inpaint"] = ("base", {"unet": {"in_channels": 9}})
+SHAPES["pix2pix"] = ("base", {"unet": {"in_channels": 8}})
+SHAPES["playground-v2.5"] = ("base", {"vae": {"scaling_factor": 0.5, **_LATENT_STATS}})
+SHAPES["v-pred"] = ("base", {})
+SHAPE_SCHEDULERS: dict[str, dict[str, Any]] = {
+    "playground-v2.5": EDM_SCHEDULER,
+    "v-pred": {**SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True},
 }
 
 
@@ -288,7 +301,7 @@ def build_shape_model(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     structure, configs = shape_configs(name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_pipeline(out, structure, configs, seed, False, None, False)
+    _write_pipeline(out, structure, configs, seed, False, None, False, SHAPE_SCHEDULERS.get(name))
     return out
 
 
@@ -300,13 +313,14 @@ def _write_pipeline(
     variant_fp16: bool,
     unet_max_shard_size: int | str | None,
     clip_flat_keys: bool,
+    scheduler: dict[str, Any] | None = None,
 ) -> None:
     with _library_bars_off():
         for component, config in configs.items():
             shard = unet_max_shard_size if component == "unet" else None
             _save(component, _make(component, config, seed), out / component, variant_fp16, shard, clip_flat_keys)
         write_tokenizers(out, structure)
-        write_scheduler(out)
+        write_scheduler(out, scheduler)
         write_model_index(out, structure)
 
 
