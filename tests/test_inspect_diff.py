@@ -77,8 +77,8 @@ def test_inspect_sd_base_text(capsys, files):
         ("base_sd", "sd", "base", SD_COUNTS),
         ("refiner_sd", "sd", "refiner", {"unet": 1220, "vae": 248, "openclip": 390}),
         ("lcm_sd", "sd", "lcm", {**SD_COUNTS, "unet": 1681}),
-        ("base_ckpt", "ckpt", "base", {**SD_COUNTS, "clip_l": 196}),
-        ("base_ms_st", "ms-safetensors", "base", {**SD_COUNTS, "clip_l": 196}),
+        ("base_ckpt", "ckpt", "base", SD_COUNTS),  # position_ids included (int32, as mindone declares it)
+        ("base_ms_st", "ms-safetensors", "base", SD_COUNTS),
     ],
 )
 def test_inspect_json_every_layout(capsys, files, name, fmt, variant, counts):

@@ -224,7 +224,9 @@ def _detect_pipeline(ckpt: Checkpoint, parts: dict[str, Component], keys: str) -
     except SdxlCkptError as err:
         ckpt.variant_reason = str(err)
         return
-    ckpt.variant, ckpt.variant_reason = found.variant, f"{found.reason} (from the configs)"
+    structure_reason = "UNet added-conditioning width (addition_time_embed_dim)"
+    ckpt.variant = found.variant
+    ckpt.variant_reason = structure_reason if found.variant == _structure else f"{found.reason} (from the configs)"
     if found.note:
         ckpt.notes.append(found.note)
 
