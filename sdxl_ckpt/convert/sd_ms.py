@@ -11,7 +11,6 @@ way in and regenerated on the way out.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import math
 import os
 import time
@@ -26,9 +25,9 @@ import numpy as np
 from sdxl_ckpt.errors import InputError, KeyMismatchError
 from sdxl_ckpt.formats.atomic import check_output
 from sdxl_ckpt.formats.ckpt_io import scan_ckpt, verify_crc, write_ckpt
-from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, cast_array, target_dtype
+from sdxl_ckpt.formats.digest import MODELSPEC_HASH, ContentDigest
+from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, ITEMSIZE, cast_array, target_dtype
 from sdxl_ckpt.formats.entries import TensorEntry
-from sdxl_ckpt.formats.fastio import Background
 from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.keymaps import VARIANTS, Keymap, KeySpec, load_keymap
 from sdxl_ckpt.keymaps.mindone import check_lists, read_list
@@ -162,49 +161,34 @@ def _choose_keymap(
     return load_keymap(detection.variant), detection
 
 
-class _Hasher:
-    """sha256 over the tensor bytes in written order, and bytes per dtype, fed by the loaders as they run.
+class _Planner:
+    """Output entries under their new names (cast when asked), and the bytes per output dtype for the report.
 
-    The hashing runs on a worker thread (``fastio.Background``), so it overlaps the write; ``digest()`` waits
-    for it. ``close()`` must be called on every path (it stops the thread).
+    With ``hash_content`` the writer also hashes every tensor byte it writes (``formats.digest``); without it no
+    byte is read twice, which keeps a conversion within reach of a plain copy.
     """
 
-    def __init__(self) -> None:
-        self.sha = hashlib.sha256()
+    def __init__(self, hash_content: bool) -> None:
         self.bytes_by_dtype: Counter = Counter()
-        self._worker = Background()
+        self.digest = ContentDigest() if hash_content else None
 
     def wrap(
         self, entry: TensorEntry, name: str, dtype: str, transform: Callable[[np.ndarray], np.ndarray] | None = None
     ) -> TensorEntry:
-        def load() -> np.ndarray:
-            array = entry.load()
-            if transform is not None:
-                array = transform(array)
-            array = np.ascontiguousarray(array) if array.ndim else array
-            self._worker.put(self.sha.update, memoryview(array.reshape(-1).view(np.uint8)))
-            return array
+        self.bytes_by_dtype[dtype] += math.prod(entry.shape) * ITEMSIZE[dtype]
+        if transform is None:  # unchanged bytes can still be copied in the kernel
+            return TensorEntry(name, dtype, entry.shape, entry.loader, source=entry.source, span=entry.passthrough_span)
+        return TensorEntry(name, dtype, entry.shape, lambda: transform(entry.load()), source=entry.source)
 
-        self.bytes_by_dtype[dtype] += math.prod(entry.shape) * np.dtype(_itemsize_dtype(dtype)).itemsize
-        # unchanged bytes can still be copied in the kernel
-        span = entry.passthrough_span if transform is None else None
-        return TensorEntry(name, dtype, entry.shape, load, source=entry.source, span=span)
+    def content_hash(self) -> str | None:
+        return None if self.digest is None else self.digest.value()
 
-    def digest(self) -> str:
-        self._worker.close()
-        return self.sha.hexdigest()
-
-    def __enter__(self) -> _Hasher:
+    def __enter__(self) -> _Planner:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._worker.stop()  # a no-op after digest(); ends the thread when the conversion failed
-
-
-def _itemsize_dtype(dtype: str) -> np.dtype:
-    from sdxl_ckpt.formats.dtypes import numpy_dtype
-
-    return numpy_dtype(dtype)
+        if self.digest is not None:
+            self.digest.__exit__(exc_type, exc, tb)
 
 
 def _report(
@@ -218,7 +202,7 @@ def _report(
     dropped: dict[str, str],
     restored: dict[str, str],
     absent: list[str],
-    hasher: _Hasher,
+    planner: _Planner,
     **extra: Any,
 ) -> dict[str, Any]:
     return {
@@ -234,9 +218,10 @@ def _report(
         "dropped": dropped,
         "restored": restored,
         "optional_absent": absent,
-        "bytes_by_dtype": dict(sorted(hasher.bytes_by_dtype.items())),
-        "tensor_bytes": sum(hasher.bytes_by_dtype.values()),
-        "sha256_tensor_bytes": hasher.digest(),
+        "bytes_by_dtype": dict(sorted(planner.bytes_by_dtype.items())),
+        "tensor_bytes": sum(planner.bytes_by_dtype.values()),
+        # --hash: "0x" + sha256 of the tensor bytes in written order = `inspect --hash`'s content sha256 of the output
+        "content_sha256": planner.content_hash(),
         **extra,
     }
 
@@ -252,8 +237,13 @@ def st_to_ms(
     quiet: bool = True,
     key_torch: str | None = None,
     key_ms: str | None = None,
+    hash_content: bool = False,
 ) -> dict[str, Any]:
-    """SD safetensors -> MindSpore names in a ``.ckpt`` (or safetensors); returns the report."""
+    """SD safetensors -> MindSpore names in a ``.ckpt`` (or safetensors); returns the report.
+
+    ``hash_content``: the report gets ``content_sha256`` (a safetensors output also stores it as ModelSpec
+    ``modelspec.hash_sha256``).
+    """
     started = time.monotonic()
     src, out = Path(src), Path(out)
     if fmt not in FORMATS:
@@ -273,7 +263,7 @@ def st_to_ms(
     raise_problems(check.problems, src)
 
     requested = DTYPE_CHOICES[dtype]
-    with _Hasher() as hasher:
+    with _Planner(hash_content) as planner:
         planned, dropped, renamed = [], {}, 0
         for spec in keymap.specs:
             entry = entries.get(spec.sd)
@@ -284,14 +274,18 @@ def st_to_ms(
                 continue
             dst = target_dtype(entry.dtype, requested)
             cast = None if dst == entry.dtype else (lambda a, s=entry.dtype, d=dst: cast_array(a, s, d))
-            planned.append(hasher.wrap(entry, spec.ms, dst, cast))
+            planned.append(planner.wrap(entry, spec.ms, dst, cast))
             renamed += spec.ms != spec.sd
         absent = [k for k in keymap.optional_sd if k not in entries]
         if fmt == "ckpt":
-            written = write_ckpt(out, planned, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
+            written = write_ckpt(out, planned, overwrite=overwrite, quiet=quiet, desc="st-to-ms", digest=planner.digest)
         else:
-            metadata = {**source.metadata, "format": "ms", "sdxl_ckpt.variant": keymap.variant}
-            written = write_safetensors(out, planned, metadata, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
+            # the source's ModelSpec hash describes the source's data section, not this file's
+            kept = {k: v for k, v in source.metadata.items() if k != MODELSPEC_HASH}
+            metadata = {**kept, "format": "ms", "sdxl_ckpt.variant": keymap.variant}
+            written = write_safetensors(
+                out, planned, metadata, overwrite=overwrite, quiet=quiet, desc="st-to-ms", digest=planner.digest
+            )
         return _report(
             "st-to-ms",
             src,
@@ -303,7 +297,7 @@ def st_to_ms(
             dropped,
             {},
             absent,
-            hasher,
+            planner,
             renamed=renamed,
             format=fmt,
             dtype=dtype,
@@ -344,9 +338,18 @@ def sd_metadata(keymap: Keymap, src: Path) -> dict[str, str]:
 
 
 def ms_to_st(
-    src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "auto", overwrite: bool = False, quiet: bool = True
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    keys: str = "auto",
+    overwrite: bool = False,
+    quiet: bool = True,
+    hash_content: bool = False,
 ) -> dict[str, Any]:
-    """MindSpore ckpt (or MindSpore-named safetensors) -> SD safetensors, record by record; returns the report."""
+    """MindSpore ckpt (or MindSpore-named safetensors) -> SD safetensors, record by record; returns the report.
+
+    ``hash_content``: the report gets ``content_sha256``, also stored as ModelSpec ``modelspec.hash_sha256``.
+    """
     started = time.monotonic()
     src, out = Path(src), Path(out)
     check_output(out, overwrite)
@@ -369,20 +372,26 @@ def ms_to_st(
     )
     raise_problems(problems + [(keymap.sd_to_ms.get(k, k) if k else k, m) for k, m in check.problems], src)
 
-    with _Hasher() as hasher:
+    with _Planner(hash_content) as planner:
         planned, restored = [], {}
         for spec in keymap.specs:
             if spec.ms is None:
                 if spec.restore:
-                    planned.append(hasher.wrap(_restore(spec, check.bindings), spec.sd, "I64"))
+                    planned.append(planner.wrap(_restore(spec, check.bindings), spec.sd, "I64"))
                     restored[spec.sd] = spec.why
                 continue
             entry = sd_entries.get(spec.sd)
             if entry is not None:
-                planned.append(hasher.wrap(entry, spec.sd, entry.dtype))
+                planned.append(planner.wrap(entry, spec.sd, entry.dtype))
         absent = [k for k in keymap.optional_sd if k not in sd_entries]
         written = write_safetensors(
-            out, planned, sd_metadata(keymap, src), overwrite=overwrite, quiet=quiet, desc="ms-to-st"
+            out,
+            planned,
+            sd_metadata(keymap, src),
+            overwrite=overwrite,
+            quiet=quiet,
+            desc="ms-to-st",
+            digest=planner.digest,
         )
         renamed = sum(1 for e in written if e.name in sd_entries and sd_entries[e.name].name != e.name)
         return _report(
@@ -396,7 +405,7 @@ def ms_to_st(
             {},
             restored,
             absent,
-            hasher,
+            planner,
             renamed=renamed,
             **extra,
             seconds=round(time.monotonic() - started, 3),
@@ -415,9 +424,10 @@ def render_report(report: Mapping[str, Any]) -> str:
         lines.append(f"note: {report['note']}")
     lines.append(
         f"tensors written {report['keys_written']} (renamed {report['renamed']}), "
-        f"{human_bytes(report['tensor_bytes'])} in {report['seconds']:.2f} s; "
-        f"sha256 of tensor bytes {report['sha256_tensor_bytes']}"
+        f"{human_bytes(report['tensor_bytes'])} in {report['seconds']:.2f} s"
     )
+    if report.get("content_sha256"):
+        lines.append(f"content sha256 (as inspect --hash shows it): {report['content_sha256']}")
     rows = [{"dtype": k, "bytes": v, "size": human_bytes(v)} for k, v in report["bytes_by_dtype"].items()]
     lines.append(render_table(rows, ["dtype", "bytes", "size"]))
     for title, items in (("dropped", report["dropped"]), ("restored", report["restored"])):

@@ -31,9 +31,10 @@ import numpy as np
 
 from sdxl_ckpt.errors import CorruptFileError, InputError, require_file
 from sdxl_ckpt.formats.atomic import atomic_output
+from sdxl_ckpt.formats.digest import ContentDigest
 from sdxl_ckpt.formats.dtypes import ITEMSIZE, MS_TO_ST, ST_TO_MS, ST_TO_NUMPY
 from sdxl_ckpt.formats.entries import TensorEntry
-from sdxl_ckpt.formats.fastio import Background, copy_span, map_bytes
+from sdxl_ckpt.formats.fastio import SMALL_BYTES, Background, map_bytes, open_sources, write_content
 from sdxl_ckpt.formats.nonfinite import NonFiniteWatch
 from sdxl_ckpt.progress import byte_bar
 
@@ -69,6 +70,8 @@ def checkpoint_class() -> type:
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:  # one byte: field keys, most dims
+        return _ONE_BYTE[value]
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -78,6 +81,9 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -113,12 +119,13 @@ def write_ckpt(
     quiet: bool = True,
     desc: str = "writing",
     crc: bool = False,
+    digest: ContentDigest | None = None,
 ) -> list[TensorEntry]:
     """Stream ``entries`` into a ``.ckpt`` at ``path`` atomically, in the given order; returns them.
 
     For the same names, order and data the bytes equal ``mindspore.save_checkpoint(..., crc_check=crc)``.
     One tensor is in memory at a time. Zero-size tensors are refused: ``save_checkpoint`` writes no record
-    for them, so they would silently vanish.
+    for them, so they would silently vanish. ``digest`` is fed every tensor's bytes in record order.
     """
     planned = list(entries)
     seen: set[str] = set()
@@ -136,6 +143,7 @@ def write_ckpt(
         atomic_output(path, overwrite) as handle,
         byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar,
         Background() as checks,
+        open_sources(),
     ):  # the NaN / Inf check overlaps the write
         for entry in planned:
             array = entry.load()
@@ -144,15 +152,16 @@ def write_ckpt(
                     f"produced {array.dtype}{list(array.shape)}, planned {entry.dtype}{list(entry.shape)}",
                     key=entry.name,
                 )
-            checks.put(watch.check, entry.name, array, entry.dtype)
+            checks.put(watch.check, entry.name, array, entry.dtype, inline=entry.nbytes < SMALL_BYTES)
             content = _content_view(array)
+            span = entry.passthrough_span
             for start in range(0, len(content), SLICE_BYTES):
                 chunk = content[start : start + SLICE_BYTES]
                 head = record_header(entry.name, entry.shape, ST_TO_MS[entry.dtype], len(chunk))
                 handle.write(head)
-                span = entry.passthrough_span
-                copied = copy_span(handle, span[0], span[1] + start, len(chunk)) if span else 0
-                handle.write(chunk[copied:])
+                if digest is not None:
+                    digest.feed(chunk)
+                write_content(handle, chunk, (span[0], span[1] + start) if span else None)
                 if crc:
                     checksum = binascii.crc32(chunk, binascii.crc32(head, checksum))
             del array, content
