@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,10 @@ import numpy as np
 
 from sdxl_ckpt.errors import InputError, KeyMismatchError
 from sdxl_ckpt.formats.atomic import check_output
+from sdxl_ckpt.formats.castpipe import cast_entry
 from sdxl_ckpt.formats.ckpt_io import scan_ckpt, verify_crc, write_ckpt
 from sdxl_ckpt.formats.digest import MODELSPEC_HASH, ContentDigest
-from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, ITEMSIZE, cast_array, target_dtype
+from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, ITEMSIZE, target_dtype
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.keymaps import VARIANTS, Keymap, KeySpec, load_keymap
@@ -172,13 +173,13 @@ class _Planner:
         self.bytes_by_dtype: Counter = Counter()
         self.digest = ContentDigest() if hash_content else None
 
-    def wrap(
-        self, entry: TensorEntry, name: str, dtype: str, transform: Callable[[np.ndarray], np.ndarray] | None = None
-    ) -> TensorEntry:
+    def wrap(self, entry: TensorEntry, name: str, dtype: str) -> TensorEntry:
+        """``entry`` written as ``name`` in ``dtype`` (a cast when it differs: chunked on worker threads)."""
         self.bytes_by_dtype[dtype] += math.prod(entry.shape) * ITEMSIZE[dtype]
-        if transform is None:  # unchanged bytes can still be copied in the kernel
-            return TensorEntry(name, dtype, entry.shape, entry.loader, source=entry.source, span=entry.passthrough_span)
-        return TensorEntry(name, dtype, entry.shape, lambda: transform(entry.load()), source=entry.source)
+        if dtype != entry.dtype:
+            return cast_entry(entry, name, dtype)
+        # unchanged bytes can still be copied in the kernel
+        return TensorEntry(name, dtype, entry.shape, entry.loader, source=entry.source, span=entry.passthrough_span)
 
     def content_hash(self) -> str | None:
         return None if self.digest is None else self.digest.value()
@@ -273,8 +274,7 @@ def st_to_ms(
                 dropped[spec.sd] = spec.why
                 continue
             dst = target_dtype(entry.dtype, requested)
-            cast = None if dst == entry.dtype else (lambda a, s=entry.dtype, d=dst: cast_array(a, s, d))
-            planned.append(planner.wrap(entry, spec.ms, dst, cast))
+            planned.append(planner.wrap(entry, spec.ms, dst))
             renamed += spec.ms != spec.sd
         absent = [k for k in keymap.optional_sd if k not in entries]
         if fmt == "ckpt":

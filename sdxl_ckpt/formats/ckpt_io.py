@@ -21,7 +21,7 @@ import binascii
 import importlib.util
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -111,6 +111,46 @@ def _content_view(array: np.ndarray) -> memoryview:
     return memoryview(flat.view(np.uint8))
 
 
+def _write_pieces(
+    handle: BinaryIO,
+    entry: TensorEntry,
+    pieces: Iterator[np.ndarray],
+    checks: Background,
+    watch: NonFiniteWatch,
+    digest: ContentDigest | None,
+    checksum: int | None,
+) -> int:
+    """Write one tensor given as consecutive flat uint8 pieces, one record per ``SLICE_BYTES`` as ``write_ckpt``
+    does for a whole array; returns the updated crc32 (0 when ``checksum`` is None: no trailer)."""
+    left_in_record = 0
+    written = 0
+    for piece in pieces:
+        checks.put(watch.check_part, entry.name, piece, entry.dtype)
+        content = memoryview(piece)
+        while len(content):
+            if left_in_record == 0:
+                left_in_record = min(SLICE_BYTES, entry.nbytes - written)
+                if left_in_record <= 0:
+                    raise InputError(f"produced more than the planned {entry.nbytes} bytes", key=entry.name)
+                head = record_header(entry.name, entry.shape, ST_TO_MS[entry.dtype], left_in_record)
+                handle.write(head)
+                if checksum is not None:
+                    checksum = binascii.crc32(head, checksum)
+            part = content[:left_in_record]
+            if digest is not None:
+                digest.feed(part)
+            handle.write(part)
+            if checksum is not None:
+                checksum = binascii.crc32(part, checksum)
+            left_in_record -= len(part)
+            written += len(part)
+            content = content[len(part) :]
+    checks.put(watch.end_parts, entry.name)
+    if written != entry.nbytes:
+        raise InputError(f"produced {written} bytes, planned {entry.nbytes}", key=entry.name)
+    return checksum or 0
+
+
 def write_ckpt(
     path: str | os.PathLike,
     entries: Iterable[TensorEntry],
@@ -146,6 +186,11 @@ def write_ckpt(
         open_sources(),
     ):  # the NaN / Inf check overlaps the write
         for entry in planned:
+            pieces = entry.streamed_pieces
+            if pieces is not None:  # cast chunk by chunk on worker threads while earlier chunks are written
+                checksum = _write_pieces(handle, entry, pieces(), checks, watch, digest, checksum if crc else None)
+                bar.update(entry.nbytes)
+                continue
             array = entry.load()
             if tuple(array.shape) != entry.shape or array.dtype != ST_TO_NUMPY[entry.dtype]:
                 raise InputError(

@@ -77,15 +77,28 @@ class NonFiniteWatch:
     def __init__(self, source: object = None, shown: int = 10) -> None:
         self.source, self.shown = source, shown
         self.found: dict[str, NonFinite] = {}
+        self._parts: dict[str, NonFinite] = {}
 
     def check(self, name: str, array: np.ndarray, st_dtype: str) -> NonFinite:
         found = count_nonfinite(array, st_dtype)
+        self._record(name, found)
+        return found
+
+    def check_part(self, name: str, array: np.ndarray, st_dtype: str) -> None:
+        """Count one piece of a tensor that is written in pieces; ``end_parts(name)`` after its last piece."""
+        found = count_nonfinite(array, st_dtype)
+        if found:
+            self._parts[name] = self._parts.get(name, NonFinite()) + found
+
+    def end_parts(self, name: str) -> None:
+        self._record(name, self._parts.pop(name, NonFinite()))
+
+    def _record(self, name: str, found: NonFinite) -> None:
         if found:
             self.found[name] = found
             if len(self.found) <= self.shown:
                 where = f"{self.source}: " if self.source else ""
                 write_line(f"warning: {where}key {name!r}: {found.describe()} values (written as they are)")
-        return found
 
     def finish(self) -> None:
         hidden = len(self.found) - self.shown

@@ -14,9 +14,10 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -162,6 +163,28 @@ def build_header(entries: list[TensorEntry], metadata: Mapping[str, str] | None)
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _write_pieces(
+    handle: BinaryIO,
+    entry: TensorEntry,
+    pieces: Iterator[np.ndarray],
+    checks: Background,
+    watch: NonFiniteWatch,
+    digest: ContentDigest | None,
+) -> None:
+    """Write one tensor given as consecutive flat uint8 pieces; they must add up to its declared size."""
+    written = 0
+    for piece in pieces:
+        checks.put(watch.check_part, entry.name, piece, entry.dtype)
+        content = memoryview(piece)
+        if digest is not None:
+            digest.feed(content)
+        handle.write(content)
+        written += len(content)
+    checks.put(watch.end_parts, entry.name)
+    if written != entry.nbytes:
+        raise InputError(f"produced {written} bytes, planned {entry.nbytes}", key=entry.name)
+
+
 def write_safetensors(
     path: str | os.PathLike,
     entries: Iterable[TensorEntry],
@@ -198,6 +221,11 @@ def write_safetensors(
     ):  # the NaN / Inf check overlaps the write
         handle.write(header)
         for entry in planned:
+            pieces = entry.streamed_pieces
+            if pieces is not None:  # cast chunk by chunk on worker threads while earlier chunks are written
+                _write_pieces(handle, entry, pieces(), checks, watch, digest)
+                bar.update(entry.nbytes)
+                continue
             array = entry.load()
             expect = ST_TO_NUMPY[entry.dtype]
             if tuple(array.shape) != entry.shape or array.dtype != expect:
