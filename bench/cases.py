@@ -25,13 +25,17 @@ class Case:
     argv: Callable[[Inputs, Path], list[str]]
     needs: str | None = None  # sdxl-ckpt sub-command that must exist
     reference: str | None = None  # key of the copy case this one is compared against
-    target_ratio: float | None = None  # wall-time target, times the reference copy
-    target_rss: int | None = None  # peak RSS target, bytes
+    target_ratio: float | None = None  # wall-time target, times the reference copy (judged at full size)
+    target_rss: int | None = None  # peak RSS target, bytes (judged at full size)
+    target_tiny_s: float | None = None  # wall-time target at tiny scale, seconds: start-up, process start to exit
 
 
 GB = 1_000_000_000
-RSS_TARGET = int(1.5 * GB)
+RSS_TARGET = int(0.5 * GB)
 LORA_RSS_TARGET = int(0.5 * GB)
+COPY_TARGET = 1.10  # the byte-moving conversions: within 10 % of a plain copy of the same bytes
+CAST_TARGET = 1.30  # fp16 -> fp32: of a plain copy of as many bytes as the output
+STARTUP_TARGET_S = 0.3  # a tiny conversion (a LoRA, a folder of them) must not be start-up bound
 
 CASES: tuple[Case, ...] = (
     Case(
@@ -51,8 +55,9 @@ CASES: tuple[Case, ...] = (
         lambda i, o: commands.diffusers_to_sd(i.diffusers, o, i.variant),
         needs="diffusers-to-sd",
         reference="copy_diffusers",
-        target_ratio=1.5,
+        target_ratio=COPY_TARGET,
         target_rss=RSS_TARGET,
+        target_tiny_s=STARTUP_TARGET_S,
     ),
     Case(
         "copy_sd",
@@ -80,8 +85,17 @@ CASES: tuple[Case, ...] = (
         lambda i, o: commands.st_to_ms(i.sd, o, "keep"),
         needs="st-to-ms",
         reference="copy_sd",
-        target_ratio=1.5,
+        target_ratio=COPY_TARGET,
         target_rss=RSS_TARGET,
+        target_tiny_s=STARTUP_TARGET_S,
+    ),
+    Case(
+        "copy_sd_twice",
+        "plain copy: SD safetensors twice (as many bytes as the fp32 output)",
+        "sd",
+        "copy",
+        "copy_sd_twice.bin",
+        lambda i, o: commands.plain_copy([i.sd, i.sd], o),
     ),
     Case(
         "st_to_ms_fp32",
@@ -91,7 +105,8 @@ CASES: tuple[Case, ...] = (
         "ms_fp32.ckpt",
         lambda i, o: commands.st_to_ms(i.sd, o, "fp32"),
         needs="st-to-ms",
-        reference="copy_sd",
+        reference="copy_sd_twice",
+        target_ratio=CAST_TARGET,
         target_rss=RSS_TARGET,
     ),
     Case(
@@ -142,7 +157,18 @@ CASES: tuple[Case, ...] = (
         lambda i, o: commands.ms_to_st(i.ckpt, o),
         needs="ms-to-st",
         reference="copy_ckpt",
+        target_ratio=COPY_TARGET,
         target_rss=RSS_TARGET,
+        target_tiny_s=STARTUP_TARGET_S,
+    ),
+    Case(
+        "startup_help",
+        "start-up: sdxl-ckpt --help",
+        "sd",
+        "startup",
+        "help.txt",
+        lambda i, o: commands.help_text(),
+        target_tiny_s=STARTUP_TARGET_S,
     ),
     Case(
         "verify",

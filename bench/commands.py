@@ -57,6 +57,11 @@ def lora_merge(base: Path, lora: Path, out: Path) -> list[str]:
     return [*cli(), "lora", "merge", str(base), str(lora), "--output", str(out), "--quiet"]
 
 
+def help_text() -> list[str]:
+    """The cheapest command: interpreter, CLI framework and command table, nothing else (start-up alone)."""
+    return [*cli(), "--help"]
+
+
 # full size on a CPU: a small image and two steps keep the reference and the check to minutes
 VERIFY_SIZE = {"tiny": [], "full": ["--height", "256", "--width", "256"]}
 

@@ -94,7 +94,7 @@ def flat_rows(results: dict) -> list[list[str]]:
     rows = []
     for key, full in scales["full"]["cases"].items():
         tiny = scales["tiny"]["cases"].get(key)
-        if full["kind"] == "copy" or tiny is None or full["peak_rss"] is None or not tiny["peak_rss"]:
+        if full["kind"] in ("copy", "startup") or tiny is None or full["peak_rss"] is None or not tiny["peak_rss"]:
             continue
         at_least = ">= " if full["status"] == "exceeded memory cap" else ""  # killed: the true peak is higher
         rows.append(
@@ -119,6 +119,8 @@ def target_rows(results: dict) -> list[list[str]]:
     for t in results["targets"]:
         if "RSS" in t["what"]:
             value, limit = mb(t["value"]), mb(t["limit"])
+        elif t["scale"] == "tiny":
+            value, limit = (f"{t['value']:.2f} s" if t["value"] is not None else None), f"{t['limit']:g} s"
         else:
             value, limit = ratio(t["value"]), ratio(t["limit"])
         met = {True: "yes", False: "**NO**", None: "not judged"}[t["met"]]

@@ -10,17 +10,22 @@ import os
 import signal
 import sys
 import threading
-from typing import Optional
+from typing import Any, Optional
 
-import click
 import typer
 
 from sdxl_ckpt.errors import SdxlCkptError
 
-# typer >= 0.26 runs on its own vendored click, whose exceptions are not click's: catch both kinds
-_ABORT = (click.exceptions.Abort, typer.Abort)
-_EXIT = (click.exceptions.Exit, typer.Exit)
-_CLICK_ERROR: tuple[type[Exception], ...] = (click.ClickException,)
+# typer >= 0.26 runs on its own vendored click, whose exceptions are not click's: catch both kinds. Plain click is
+# only looked at when typer itself imported it (older typer): importing it just for these names costs start-up time
+_click = sys.modules.get("click")
+_ABORT: tuple[type[BaseException], ...] = (typer.Abort,)
+_EXIT: tuple[type[BaseException], ...] = (typer.Exit,)
+_CLICK_ERROR: tuple[type[Exception], ...] = ()
+if _click is not None:
+    _ABORT += (_click.exceptions.Abort,)
+    _EXIT += (_click.exceptions.Exit,)
+    _CLICK_ERROR += (_click.ClickException,)
 try:
     from typer._click.exceptions import ClickException as _TyperClickException
 
@@ -34,10 +39,17 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help text: formatting it with rich costs ~0.2 s of start-up per call
 )
 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 JSON_OUT = typer.Option(None, "--json", help="Also write the report as JSON to this file ('-' = stdout).")
+HASH = typer.Option(
+    False,
+    "--hash",
+    help="Also sha256 the tensor bytes as they are written (report: content_sha256; safetensors outputs store it "
+    "as modelspec.hash_sha256). ~0.7 s of CPU per GB.",
+)
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output file.")
 # the model kind; ``--variant`` keeps diffusers' meaning (weights variant such as fp16) and is only an old alias here
 MODEL_KINDS = "base | refiner | lcm"
@@ -151,6 +163,7 @@ def diffusers_to_sd_cmd(
     ),
     lcm: bool = typer.Option(False, "--lcm", help="Mark the output as LCM (the UNet is a distilled LCM UNet)."),
     overwrite: bool = OVERWRITE,
+    hash_: bool = HASH,
     json_out: Optional[str] = JSON_OUT,  # noqa: UP045
     quiet: bool = QUIET,
 ) -> int:
@@ -169,6 +182,7 @@ def diffusers_to_sd_cmd(
         lcm=lcm,
         overwrite=overwrite,
         quiet=quiet,
+        hash_content=hash_,
     )
     if json_out != "-":
         print(render_report(report))
@@ -198,6 +212,7 @@ def st_to_ms_cmd(
         None, "--vae", help="Take the VAE from this SD or LDM VAE safetensors (required when SRC has none)."
     ),
     overwrite: bool = OVERWRITE,
+    hash_: bool = HASH,
     json_out: Optional[str] = JSON_OUT,  # noqa: UP045
     quiet: bool = QUIET,
 ) -> int:
@@ -218,6 +233,7 @@ def st_to_ms_cmd(
             key_torch=key_torch,
             key_ms=key_ms,
             vae=vae,
+            hash_content=hash_,
         )
     if json_out != "-":
         print(render_report(report))
@@ -231,6 +247,7 @@ def ms_to_st_cmd(
     output: str = typer.Option(..., "--output", "-o", help="SD single-file .safetensors to write."),
     keys: str = KEYS,
     overwrite: bool = OVERWRITE,
+    hash_: bool = HASH,
     json_out: Optional[str] = JSON_OUT,  # noqa: UP045
     quiet: bool = QUIET,
 ) -> int:
@@ -240,7 +257,7 @@ def ms_to_st_cmd(
 
     _json_apart(json_out, src, output)
     with error_report("ms-to-st", json_out):
-        report = ms_to_st(src, output, keys=keys, overwrite=overwrite, quiet=quiet)
+        report = ms_to_st(src, output, keys=keys, overwrite=overwrite, quiet=quiet, hash_content=hash_)
     if json_out != "-":
         print(render_report(report))
     write_json(report, json_out)
@@ -579,6 +596,52 @@ def lora_merge_cmd(
         print(render_merge(report))
     write_json(report, json_out)
     return 0
+
+
+# --- start-up ---
+
+
+def _plain_coercion() -> None:
+    """Let typer pass plain ``str`` / ``bool`` option values through without building a pydantic validator.
+
+    typer >= 0.26 validates every parameter with a pydantic ``TypeAdapter``; importing pydantic and building the
+    adapters costs ~0.15 s, half of a small conversion. For a ``str`` parameter without path checks, choices or a
+    custom parser the adapter returns the command-line string unchanged, and a ``bool`` flag arrives as a bool: such
+    values are returned as they are, anything else still goes through typer's own validation (older typer has
+    no adapters and is left alone).
+    """
+    try:
+        from typer._coercion import RuntimeParam, build_runtime_param
+        from typer.core import _TyperParameter
+    except ImportError:
+        return
+    original = _TyperParameter.get_runtime_param
+
+    class _Plain(RuntimeParam):
+        def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            if isinstance(value, self.annotation):
+                return value
+            return build_runtime_param(param.type_descriptor)._coerce_value(value, param=param, ctx=ctx)
+
+    def get_runtime_param(self: Any) -> Any:
+        if getattr(self, "_runtime_param", None) is None:
+            desc = getattr(self, "type_descriptor", None)
+            info = getattr(desc, "parameter_info", None)
+            if (
+                desc is not None
+                and desc.annotation in (str, bool)
+                and desc.file_annotation is None
+                and getattr(info, "parser", None) is None
+                and not desc.is_path
+                and not desc.is_choice
+            ):
+                self._runtime_param = _Plain(parameter_info=info, annotation=desc.annotation)
+        return original(self)
+
+    _TyperParameter.get_runtime_param = get_runtime_param
+
+
+_plain_coercion()
 
 
 class _Interrupted(BaseException):

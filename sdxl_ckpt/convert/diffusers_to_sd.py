@@ -9,10 +9,12 @@ keys, shapes a transform cannot take) is found while planning, before the output
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from sdxl_ckpt.formats.atomic import check_output, output_format
+from sdxl_ckpt.formats.digest import ContentDigest
 from sdxl_ckpt.formats.safetensors_io import write_safetensors
 from sdxl_ckpt.formats.sniff import expect, sniff
 from sdxl_ckpt.keymaps.diffusers_plan import plan_sd_entries
@@ -28,8 +30,13 @@ def convert_diffusers_to_sd(
     lcm: bool = False,
     overwrite: bool = False,
     quiet: bool = True,
+    hash_content: bool = False,
 ) -> dict[str, Any]:
-    """Write the SD file for ``src_dir`` at ``out`` (atomic, streaming) and return the report."""
+    """Write the SD file for ``src_dir`` at ``out`` (atomic, streaming) and return the report.
+
+    ``hash_content``: the data section is hashed as it is written, stored as ModelSpec ``modelspec.hash_sha256``
+    and reported as ``content_sha256`` (what ``inspect --hash`` shows for the file); off, no byte is hashed.
+    """
     start = time.perf_counter()
     output_format(out, None, ("safetensors",), "diffusers-to-sd")
     out = check_output(out, overwrite, inputs=(src_dir, unet_dir, vae_dir))
@@ -37,7 +44,11 @@ def convert_diffusers_to_sd(
         if folder is not None:
             expect(sniff(folder), ("folder",), "diffusers-to-sd", "a diffusers folder")
     entries, metadata, report = plan_sd_entries(src_dir, unet_dir, vae_dir, variant, dtype, lcm)
-    write_safetensors(out, entries, metadata, overwrite=overwrite, quiet=quiet, desc="diffusers-to-sd")
+    with ContentDigest() if hash_content else nullcontext() as digest:
+        write_safetensors(
+            out, entries, metadata, overwrite=overwrite, quiet=quiet, desc="diffusers-to-sd", digest=digest
+        )
+        report["content_sha256"] = digest.value() if digest is not None else None
     report["output"] = str(out)
     report["file_bytes"] = out.stat().st_size
     report["seconds"] = round(time.perf_counter() - start, 3)
@@ -73,4 +84,6 @@ def render_report(report: dict[str, Any]) -> str:
     if "seconds" in report:
         total += f" in {report['seconds']:.2f} s"
     lines.append(total)
+    if report.get("content_sha256"):
+        lines.append(f"content sha256 (modelspec.hash_sha256, as inspect --hash shows it): {report['content_sha256']}")
     return "\n".join(lines)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import math
 import os
 import time
@@ -26,10 +25,11 @@ import numpy as np
 
 from sdxl_ckpt.errors import InputError, KeyMismatchError
 from sdxl_ckpt.formats.atomic import check_output, output_format
+from sdxl_ckpt.formats.castpipe import cast_entry
 from sdxl_ckpt.formats.ckpt_io import scan_ckpt, verify_crc, write_ckpt
-from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, cast_array, numpy_dtype, target_dtype
+from sdxl_ckpt.formats.digest import MODELSPEC_HASH, ContentDigest
+from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, ITEMSIZE, numpy_dtype, target_dtype
 from sdxl_ckpt.formats.entries import TensorEntry
-from sdxl_ckpt.formats.fastio import Background
 from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.formats.sniff import expect, sniff
 from sdxl_ckpt.keymaps.expected import ExpectedKey, expected_keys
@@ -145,49 +145,43 @@ def raise_problems(problems: list[tuple[str | None, str]], path: object) -> None
     raise error
 
 
-class _Hasher:
-    """sha256 over the tensor bytes in written order, and bytes per dtype, fed by the loaders as they run.
+class _Planner:
+    """Output entries under their new names (cast when asked), and the bytes per output dtype for the report.
 
-    The hashing runs on a worker thread (``fastio.Background``), so it overlaps the write; ``digest()`` waits
-    for it. ``close()`` must be called on every path (it stops the thread).
+    With ``hash_content`` the writer also hashes every tensor byte it writes (``formats.digest``); without it no
+    byte is read twice, which keeps a conversion within reach of a plain copy.
     """
 
-    def __init__(self) -> None:
-        self.sha = hashlib.sha256()
+    def __init__(self, hash_content: bool) -> None:
         self.bytes_by_dtype: Counter = Counter()
-        self._worker = Background()
+        self.digest = ContentDigest() if hash_content else None
 
     def wrap(
-        self, entry: TensorEntry, name: str, dtype: str, transform: Callable[[np.ndarray], np.ndarray] | None = None
+        self,
+        entry: TensorEntry,
+        name: str,
+        dtype: str,
+        convert: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> TensorEntry:
-        def load() -> np.ndarray:
-            array = entry.load()
-            if transform is not None:
-                array = transform(array)
-            array = np.ascontiguousarray(array) if array.ndim else array
-            self._worker.put(self.sha.update, memoryview(array.reshape(-1).view(np.uint8)))
-            return array
-
-        self.bytes_by_dtype[dtype] += math.prod(entry.shape) * np.dtype(_itemsize_dtype(dtype)).itemsize
+        """``entry`` written as ``name`` in ``dtype``: a float cast when it differs (chunked on worker threads),
+        or ``convert`` for the integer buffers whose type the target declares otherwise."""
+        self.bytes_by_dtype[dtype] += math.prod(entry.shape) * ITEMSIZE[dtype]
+        if convert is not None:
+            return TensorEntry(name, dtype, entry.shape, lambda: convert(entry.load()), source=entry.source)
+        if dtype != entry.dtype:
+            return cast_entry(entry, name, dtype)
         # unchanged bytes can still be copied in the kernel
-        span = entry.passthrough_span if transform is None else None
-        return TensorEntry(name, dtype, entry.shape, load, source=entry.source, span=span)
+        return TensorEntry(name, dtype, entry.shape, entry.loader, source=entry.source, span=entry.passthrough_span)
 
-    def digest(self) -> str:
-        self._worker.close()
-        return self.sha.hexdigest()
+    def content_hash(self) -> str | None:
+        return None if self.digest is None else self.digest.value()
 
-    def __enter__(self) -> _Hasher:
+    def __enter__(self) -> _Planner:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._worker.stop()  # a no-op after digest(); ends the thread when the conversion failed
-
-
-def _itemsize_dtype(dtype: str) -> np.dtype:
-    from sdxl_ckpt.formats.dtypes import numpy_dtype
-
-    return numpy_dtype(dtype)
+        if self.digest is not None:
+            self.digest.__exit__(exc_type, exc, tb)
 
 
 def _report(
@@ -200,7 +194,7 @@ def _report(
     dropped: dict[str, str],
     restored: dict[str, str],
     absent: list[str],
-    hasher: _Hasher,
+    planner: _Planner,
     **extra: Any,
 ) -> dict[str, Any]:
     architecture = check.architecture
@@ -219,9 +213,10 @@ def _report(
         "dropped": dropped,
         "restored": restored,
         "optional_absent": absent,
-        "bytes_by_dtype": dict(sorted(hasher.bytes_by_dtype.items())),
-        "tensor_bytes": sum(hasher.bytes_by_dtype.values()),
-        "sha256_tensor_bytes": hasher.digest(),
+        "bytes_by_dtype": dict(sorted(planner.bytes_by_dtype.items())),
+        "tensor_bytes": sum(planner.bytes_by_dtype.values()),
+        # --hash: "0x" + sha256 of the tensor bytes in written order = `inspect --hash`'s content sha256 of the output
+        "content_sha256": planner.content_hash(),
         **extra,
     }
 
@@ -238,10 +233,13 @@ def st_to_ms(
     key_torch: str | None = None,
     key_ms: str | None = None,
     vae: str | os.PathLike | None = None,
+    hash_content: bool = False,
 ) -> dict[str, Any]:
     """SD safetensors -> MindSpore names in a ``.ckpt`` (or safetensors, by the output's extension); the report.
 
     ``vae``: an SD or LDM VAE file whose VAE is used (a file without one is refused otherwise).
+    ``hash_content``: the report gets ``content_sha256`` (a safetensors output also stores it as ModelSpec
+    ``modelspec.hash_sha256``).
     """
     started = time.monotonic()
     src, out = Path(src), Path(out)
@@ -268,7 +266,7 @@ def st_to_ms(
     raise_problems(check.problems, src)
 
     requested = DTYPE_CHOICES[dtype]
-    with _Hasher() as hasher:
+    with _Planner(hash_content) as planner:
         planned, dropped, renamed, generated = [], dict(prepared.dropped), 0, {}
         for name in [*check.expected, *prepared.markers]:
             entry = entries.get(name)
@@ -285,20 +283,21 @@ def st_to_ms(
                 entry = _presence(entry, (1,))
                 prepared.notes.append(f"{name} is empty: stored as one zero (a ckpt holds no empty tensor)")
             if rule.dtype is not None:  # an integer buffer mindone declares with another integer type
-                dst, cast = rule.dtype, (lambda a, d=rule.dtype: a.astype(numpy_dtype(d)))
+                convert = lambda a, d=rule.dtype: a.astype(numpy_dtype(d))  # noqa: E731
+                planned.append(planner.wrap(entry, ms, rule.dtype, convert))
             else:
-                dst = target_dtype(entry.dtype, requested)
-                cast = None
-                if dst != entry.dtype:
-                    cast = lambda a, s=entry.dtype, d=dst, k=ms: cast_array(a, s, d, key=k)  # noqa: E731
-            planned.append(hasher.wrap(entry, ms, dst, cast))
+                planned.append(planner.wrap(entry, ms, target_dtype(entry.dtype, requested)))
             renamed += ms != name
         absent = [k for k, e in check.expected.items() if not e.required and k not in entries]
         if fmt == "ckpt":
-            written = write_ckpt(out, planned, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
+            written = write_ckpt(out, planned, overwrite=overwrite, quiet=quiet, desc="st-to-ms", digest=planner.digest)
         else:
-            metadata = {**source.metadata, "format": "ms", VARIANT_METADATA: detection.variant}
-            written = write_safetensors(out, planned, metadata, overwrite=overwrite, quiet=quiet, desc="st-to-ms")
+            # the source's ModelSpec hash describes the source's data section, not this file's
+            kept = {k: v for k, v in source.metadata.items() if k != MODELSPEC_HASH}
+            metadata = {**kept, "format": "ms", VARIANT_METADATA: detection.variant}
+            written = write_safetensors(
+                out, planned, metadata, overwrite=overwrite, quiet=quiet, desc="st-to-ms", digest=planner.digest
+            )
         return _report(
             "st-to-ms",
             src,
@@ -309,7 +308,7 @@ def st_to_ms(
             dropped,
             {},
             absent,
-            hasher,
+            planner,
             renamed=renamed,
             stored_hash=stored_hash_note(source.metadata, src),
             markers=prepared.markers,
@@ -380,9 +379,18 @@ def _as_int64(entry: TensorEntry, name: str) -> TensorEntry:
 
 
 def ms_to_st(
-    src: str | os.PathLike, out: str | os.PathLike, *, keys: str = "auto", overwrite: bool = False, quiet: bool = True
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    keys: str = "auto",
+    overwrite: bool = False,
+    quiet: bool = True,
+    hash_content: bool = False,
 ) -> dict[str, Any]:
-    """MindSpore ckpt (or MindSpore-named safetensors) -> SD safetensors, record by record; returns the report."""
+    """MindSpore ckpt (or MindSpore-named safetensors) -> SD safetensors, record by record; returns the report.
+
+    ``hash_content``: the report gets ``content_sha256``, also stored as ModelSpec ``modelspec.hash_sha256``.
+    """
     started = time.monotonic()
     src, out = Path(src), Path(out)
     output_format(out, None, ("safetensors",), "ms-to-st")
@@ -403,27 +411,33 @@ def ms_to_st(
     check = check_exact(shapes, {n: e.dtype for n, e in weights.items()}, architecture)
     raise_problems([(sd_to_ms_name(k)[0] or k if k else k, m) for k, m in check.problems], src)
 
-    with _Hasher() as hasher:
+    with _Planner(hash_content) as planner:
         planned, restored, notes = [], {}, []
         for name, spec in check.expected.items():
             entry = sd_entries.get(name)
             if entry is not None and spec.dtype == "int" and entry.dtype != "I64":
                 notes.append(f"{name}: {entry.dtype} in MindSpore, written as int64 as SD files hold it")
-                planned.append(hasher.wrap(_as_int64(entry, name), name, "I64"))
+                planned.append(planner.wrap(_as_int64(entry, name), name, "I64"))
             elif entry is not None:
-                planned.append(hasher.wrap(entry, name, entry.dtype))
+                planned.append(planner.wrap(entry, name, entry.dtype))
             elif sd_to_ms_name(name)[0] is None or name.endswith(".position_ids"):
-                planned.append(hasher.wrap(_restore(name, spec), name, "I64"))
+                planned.append(planner.wrap(_restore(name, spec), name, "I64"))
                 restored[name] = "absent from the MindSpore file: regenerated as int64 0..n-1"
         for name in markers:
             entry = sd_entries[name]
             if name in PRESENCE_MARKERS and entry.shape == (1,):
                 entry = _presence(entry, (0,))
                 notes.append(f"{name}: written empty, as ComfyUI saves it (its presence is the fact)")
-            planned.append(hasher.wrap(entry, name, entry.dtype))
+            planned.append(planner.wrap(entry, name, entry.dtype))
         absent = [k for k, e in check.expected.items() if not e.required and k not in sd_entries and k not in restored]
         written = write_safetensors(
-            out, planned, sd_metadata(detection.variant, src), overwrite=overwrite, quiet=quiet, desc="ms-to-st"
+            out,
+            planned,
+            sd_metadata(detection.variant, src),
+            overwrite=overwrite,
+            quiet=quiet,
+            desc="ms-to-st",
+            digest=planner.digest,
         )
         renamed = sum(1 for e in written if e.name in sd_entries and sd_entries[e.name].name != e.name)
         return _report(
@@ -436,7 +450,7 @@ def ms_to_st(
             {},
             restored,
             absent,
-            hasher,
+            planner,
             renamed=renamed,
             stored_hash=stored_hash_note(metadata, src),
             markers=markers,
@@ -463,9 +477,10 @@ def render_report(report: Mapping[str, Any]) -> str:
         lines.append(f"attention head counts (shapes cannot tell them): {'; '.join(heads)}")
     lines.append(
         f"tensors written {report['keys_written']} (renamed {report['renamed']}), "
-        f"{human_bytes(report['tensor_bytes'])} in {report['seconds']:.2f} s; "
-        f"sha256 of tensor bytes {report['sha256_tensor_bytes']}"
+        f"{human_bytes(report['tensor_bytes'])} in {report['seconds']:.2f} s"
     )
+    if report.get("content_sha256"):
+        lines.append(f"content sha256 (as inspect --hash shows it): {report['content_sha256']}")
     rows = [{"dtype": k, "bytes": v, "size": human_bytes(v)} for k, v in report["bytes_by_dtype"].items()]
     lines.append(render_table(rows, ["dtype", "bytes", "size"]))
     for title, items in (

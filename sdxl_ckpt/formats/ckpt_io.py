@@ -21,7 +21,7 @@ import binascii
 import importlib.util
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -31,9 +31,10 @@ import numpy as np
 
 from sdxl_ckpt.errors import CorruptFileError, InputError, require_file
 from sdxl_ckpt.formats.atomic import atomic_output
+from sdxl_ckpt.formats.digest import ContentDigest
 from sdxl_ckpt.formats.dtypes import ITEMSIZE, MS_TO_ST, ST_TO_MS, ST_TO_NUMPY
 from sdxl_ckpt.formats.entries import TensorEntry
-from sdxl_ckpt.formats.fastio import Background, copy_span, map_bytes
+from sdxl_ckpt.formats.fastio import SMALL_BYTES, Background, map_bytes, open_sources, write_content
 from sdxl_ckpt.formats.nonfinite import NonFiniteWatch
 from sdxl_ckpt.progress import byte_bar
 
@@ -69,6 +70,8 @@ def checkpoint_class() -> type:
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:  # one byte: field keys, most dims
+        return _ONE_BYTE[value]
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -78,6 +81,9 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -105,6 +111,46 @@ def _content_view(array: np.ndarray) -> memoryview:
     return memoryview(flat.view(np.uint8))
 
 
+def _write_pieces(
+    handle: BinaryIO,
+    entry: TensorEntry,
+    pieces: Iterator[np.ndarray],
+    checks: Background,
+    watch: NonFiniteWatch,
+    digest: ContentDigest | None,
+    checksum: int | None,
+) -> int:
+    """Write one tensor given as consecutive flat uint8 pieces, one record per ``SLICE_BYTES`` as ``write_ckpt``
+    does for a whole array; returns the updated crc32 (0 when ``checksum`` is None: no trailer)."""
+    left_in_record = 0
+    written = 0
+    for piece in pieces:
+        checks.put(watch.check_part, entry.name, piece, entry.dtype)
+        content = memoryview(piece)
+        while len(content):
+            if left_in_record == 0:
+                left_in_record = min(SLICE_BYTES, entry.nbytes - written)
+                if left_in_record <= 0:
+                    raise InputError(f"produced more than the planned {entry.nbytes} bytes", key=entry.name)
+                head = record_header(entry.name, entry.shape, ST_TO_MS[entry.dtype], left_in_record)
+                handle.write(head)
+                if checksum is not None:
+                    checksum = binascii.crc32(head, checksum)
+            part = content[:left_in_record]
+            if digest is not None:
+                digest.feed(part)
+            handle.write(part)
+            if checksum is not None:
+                checksum = binascii.crc32(part, checksum)
+            left_in_record -= len(part)
+            written += len(part)
+            content = content[len(part) :]
+    checks.put(watch.end_parts, entry.name)
+    if written != entry.nbytes:
+        raise InputError(f"produced {written} bytes, planned {entry.nbytes}", key=entry.name)
+    return checksum or 0
+
+
 def write_ckpt(
     path: str | os.PathLike,
     entries: Iterable[TensorEntry],
@@ -113,12 +159,13 @@ def write_ckpt(
     quiet: bool = True,
     desc: str = "writing",
     crc: bool = False,
+    digest: ContentDigest | None = None,
 ) -> list[TensorEntry]:
     """Stream ``entries`` into a ``.ckpt`` at ``path`` atomically, in the given order; returns them.
 
     For the same names, order and data the bytes equal ``mindspore.save_checkpoint(..., crc_check=crc)``.
     One tensor is in memory at a time. Zero-size tensors are refused: ``save_checkpoint`` writes no record
-    for them, so they would silently vanish.
+    for them, so they would silently vanish. ``digest`` is fed every tensor's bytes in record order.
     """
     planned = list(entries)
     seen: set[str] = set()
@@ -136,23 +183,30 @@ def write_ckpt(
         atomic_output(path, overwrite) as handle,
         byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar,
         Background() as checks,
+        open_sources(),
     ):  # the NaN / Inf check overlaps the write
         for entry in planned:
+            pieces = entry.streamed_pieces
+            if pieces is not None:  # cast chunk by chunk on worker threads while earlier chunks are written
+                checksum = _write_pieces(handle, entry, pieces(), checks, watch, digest, checksum if crc else None)
+                bar.update(entry.nbytes)
+                continue
             array = entry.load()
             if tuple(array.shape) != entry.shape or array.dtype != ST_TO_NUMPY[entry.dtype]:
                 raise InputError(
                     f"produced {array.dtype}{list(array.shape)}, planned {entry.dtype}{list(entry.shape)}",
                     key=entry.name,
                 )
-            checks.put(watch.check, entry.name, array, entry.dtype)
+            checks.put(watch.check, entry.name, array, entry.dtype, inline=entry.nbytes < SMALL_BYTES)
             content = _content_view(array)
+            span = entry.passthrough_span
             for start in range(0, len(content), SLICE_BYTES):
                 chunk = content[start : start + SLICE_BYTES]
                 head = record_header(entry.name, entry.shape, ST_TO_MS[entry.dtype], len(chunk))
                 handle.write(head)
-                span = entry.passthrough_span
-                copied = copy_span(handle, span[0], span[1] + start, len(chunk)) if span else 0
-                handle.write(chunk[copied:])
+                if digest is not None:
+                    digest.feed(chunk)
+                write_content(handle, chunk, (span[0], span[1] + start) if span else None)
                 if crc:
                     checksum = binascii.crc32(chunk, binascii.crc32(head, checksum))
             del array, content

@@ -7,7 +7,7 @@ whole output (header, offsets, report) before reading one tensor; ``load()`` rea
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,18 +30,27 @@ class TensorEntry:
     # (file, offset) where ``load()``'s exact bytes lie, when they pass through unchanged: writers may copy them
     # in the kernel (``fastio.copy_span``) instead of writing the array. Read it through ``passthrough_span``.
     span: tuple[str, int] | None = field(default=None, compare=False)
-    # the loader the span was declared for: ``dataclasses.replace(entry, loader=...)`` copies ``span`` but not
-    # this identity, so an entry whose loader was swapped (an edit, a cast) never copies the stale source bytes
+    # the loader the span (and ``pieces``) was declared for: ``dataclasses.replace(entry, loader=...)`` copies
+    # ``span`` but not this identity, so an entry whose loader was swapped (an edit, a cast) never copies the
+    # stale source bytes
     span_owner: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    # the same bytes as ``load()`` as consecutive flat uint8 pieces, produced while earlier ones are written (a cast
+    # done chunk by chunk on worker threads); writers prefer it. Read it through ``streamed_pieces``.
+    pieces: Callable[[], Iterator[np.ndarray]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.span is not None and self.span_owner is None:
+        if (self.span is not None or self.pieces is not None) and self.span_owner is None:
             object.__setattr__(self, "span_owner", self.loader)
 
     @property
     def passthrough_span(self) -> tuple[str, int] | None:
         """The source byte range to copy in the kernel, or None when ``load()`` must be called."""
         return self.span if self.span is not None and self.span_owner is self.loader else None
+
+    @property
+    def streamed_pieces(self) -> Callable[[], Iterator[np.ndarray]] | None:
+        """``pieces`` while it still describes ``load()``'s bytes, else None."""
+        return self.pieces if self.pieces is not None and self.span_owner is self.loader else None
 
     @property
     def numel(self) -> int:

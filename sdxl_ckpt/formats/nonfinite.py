@@ -7,12 +7,12 @@ bit patterns (exponent all ones), which is exact and much faster than numpy's fl
 
 from __future__ import annotations
 
-import sys
 import threading
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
+
+from sdxl_ckpt.progress import write_line
 
 # safetensors float dtype -> (same-width unsigned view, exponent mask): a value is NaN or Inf exactly when all its
 # exponent bits are set, i.e. when (bits & ~sign) >= exponent mask; NaN when it is strictly greater
@@ -22,6 +22,8 @@ _FLOAT_BITS = {
     "F32": (np.dtype("<u4"), 0x7F800000),
     "F64": (np.dtype("<u8"), 0x7FF0000000000000),
 }
+# all bits but the sign, per view (computed once: np.iinfo per call costs more than checking a small tensor)
+_MAGNITUDE = {name: view.type(np.iinfo(view).max >> 1) for name, (view, _exp) in _FLOAT_BITS.items()}
 CHUNK_ELEMENTS = 1 << 18  # small enough to stay in cache: the fast path costs ~0.3 s per GB of fp16
 
 
@@ -52,7 +54,9 @@ def count_nonfinite(array: np.ndarray, st_dtype: str) -> NonFinite:
         return NonFinite()
     view, exp_mask = _FLOAT_BITS[st_dtype]
     bits = np.ascontiguousarray(array).reshape(-1).view(view)
-    magnitude_mask = view.type(np.iinfo(view).max >> 1)
+    if bits.size == 0:
+        return NonFinite()
+    magnitude_mask = _MAGNITUDE[st_dtype]
     scratch = np.empty(min(CHUNK_ELEMENTS, bits.size), dtype=view)
     nan = inf = 0
     for start in range(0, bits.size, CHUNK_ELEMENTS):
@@ -74,8 +78,9 @@ DTYPE_FLAGS = {"F16": "fp16", "F32": "fp32", "BF16": "bf16", "F64": "fp64"}
 
 def note_overflow(key: str, count: int, dst_dtype: str) -> None:
     """Record that casting tensor ``key`` to ``dst_dtype`` turned ``count`` finite values into Inf."""
-    with _OVERFLOWS_LOCK:
-        _OVERFLOWS[key] = (count, dst_dtype)
+    with _OVERFLOWS_LOCK:  # a tensor cast in pieces reports each piece
+        before = _OVERFLOWS.get(key, (0, dst_dtype))[0]
+        _OVERFLOWS[key] = (before + count, dst_dtype)
 
 
 def take_overflow(key: str) -> tuple[int, str] | None:
@@ -91,22 +96,34 @@ class NonFiniteWatch:
     def __init__(self, source: object = None, shown: int = 10) -> None:
         self.source, self.shown = source, shown
         self.found: dict[str, NonFinite] = {}
+        self._parts: dict[str, NonFinite] = {}
 
     def check(self, name: str, array: np.ndarray, st_dtype: str) -> NonFinite:
         found = count_nonfinite(array, st_dtype)
-        overflow = take_overflow(name)
+        self._record(name, found)
+        return found
+
+    def check_part(self, name: str, array: np.ndarray, st_dtype: str) -> None:
+        """Count one piece of a tensor that is written in pieces; ``end_parts(name)`` after its last piece."""
+        found = count_nonfinite(array, st_dtype)
+        if found:
+            self._parts[name] = self._parts.get(name, NonFinite()) + found
+
+    def end_parts(self, name: str) -> None:
+        self._record(name, self._parts.pop(name, NonFinite()))
+
+    def _record(self, name: str, found: NonFinite) -> None:
         if found:
             self.found[name] = found
             if len(self.found) <= self.shown:
                 where = f"{self.source}: " if self.source else ""
-                _warn(f"warning: {where}{_describe(name, found, overflow)}")
-        return found
+                write_line(f"warning: {where}{_describe(name, found, take_overflow(name))}")
 
     def finish(self) -> None:
         hidden = len(self.found) - self.shown
         if hidden > 0:
             total = sum(self.found.values(), NonFinite())
-            _warn(f"warning: {hidden} more tensors hold NaN / Inf ({len(self.found)} in all, {total.describe()})")
+            write_line(f"warning: {hidden} more tensors hold NaN / Inf ({len(self.found)} in all, {total.describe()})")
 
 
 def _describe(name: str, found: NonFinite, overflow: tuple[int, str] | None) -> str:
@@ -118,7 +135,3 @@ def _describe(name: str, found: NonFinite, overflow: tuple[int, str] | None) -> 
     line = f"--dtype {flag} overflowed {count} values in {name!r} (finite in the source, Inf in the output)"
     rest = NonFinite(found.nan, found.inf - count)
     return f"{line}; the source itself had {rest.describe()}" if rest else line
-
-
-def _warn(line: str) -> None:
-    tqdm.write(line, file=sys.stderr)

@@ -14,17 +14,19 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from sdxl_ckpt.errors import CorruptFileError, InputError, require_file
 from sdxl_ckpt.formats.atomic import atomic_output
+from sdxl_ckpt.formats.digest import MODELSPEC_HASH, PLACEHOLDER, ContentDigest, placeholder_offset
 from sdxl_ckpt.formats.dtypes import ITEMSIZE, ST_TO_NUMPY
 from sdxl_ckpt.formats.entries import TensorEntry
-from sdxl_ckpt.formats.fastio import Background, copy_span, map_bytes
+from sdxl_ckpt.formats.fastio import SMALL_BYTES, Background, map_bytes, open_sources, write_content
 from sdxl_ckpt.formats.nonfinite import NonFiniteWatch
 from sdxl_ckpt.progress import byte_bar
 
@@ -161,6 +163,28 @@ def build_header(entries: list[TensorEntry], metadata: Mapping[str, str] | None)
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _write_pieces(
+    handle: BinaryIO,
+    entry: TensorEntry,
+    pieces: Iterator[np.ndarray],
+    checks: Background,
+    watch: NonFiniteWatch,
+    digest: ContentDigest | None,
+) -> None:
+    """Write one tensor given as consecutive flat uint8 pieces; they must add up to its declared size."""
+    written = 0
+    for piece in pieces:
+        checks.put(watch.check_part, entry.name, piece, entry.dtype)
+        content = memoryview(piece)
+        if digest is not None:
+            digest.feed(content)
+        handle.write(content)
+        written += len(content)
+    checks.put(watch.end_parts, entry.name)
+    if written != entry.nbytes:
+        raise InputError(f"produced {written} bytes, planned {entry.nbytes}", key=entry.name)
+
+
 def write_safetensors(
     path: str | os.PathLike,
     entries: Iterable[TensorEntry],
@@ -170,10 +194,13 @@ def write_safetensors(
     quiet: bool = True,
     desc: str = "writing",
     order: str = "library",
+    digest: ContentDigest | None = None,
 ) -> list[TensorEntry]:
     """Stream ``entries`` into ``path`` atomically, one tensor in memory at a time; returns the written order.
 
     Every entry's ``load()`` must return exactly its declared dtype and shape (checked, naming the key).
+    With ``digest`` the data section is hashed as it is written and the value is stored as ModelSpec
+    ``modelspec.hash_sha256`` (a same-length placeholder in the header, overwritten before the file is complete).
     """
     planned = list(entries)
     names = [e.name for e in planned]
@@ -182,15 +209,23 @@ def write_safetensors(
         raise InputError("two tensors would get the same output name", key=dup)
     if order == "library":
         planned = library_order(planned)
+    if digest is not None:
+        metadata = {**(metadata or {}), MODELSPEC_HASH: PLACEHOLDER}
     header = build_header(planned, metadata)
     watch = NonFiniteWatch()  # NaN / Inf are written as they are, but never silently
     with (
         atomic_output(path, overwrite) as handle,
         byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar,
         Background() as checks,
+        open_sources(),
     ):  # the NaN / Inf check overlaps the write
         handle.write(header)
         for entry in planned:
+            pieces = entry.streamed_pieces
+            if pieces is not None:  # cast chunk by chunk on worker threads while earlier chunks are written
+                _write_pieces(handle, entry, pieces(), checks, watch, digest)
+                bar.update(entry.nbytes)
+                continue
             array = entry.load()
             expect = ST_TO_NUMPY[entry.dtype]
             if tuple(array.shape) != entry.shape or array.dtype != expect:
@@ -198,11 +233,16 @@ def write_safetensors(
                     f"produced {array.dtype}{list(array.shape)}, planned {entry.dtype}{list(entry.shape)}",
                     key=entry.name,
                 )
-            checks.put(watch.check, entry.name, array, entry.dtype)
+            checks.put(watch.check, entry.name, array, entry.dtype, inline=entry.nbytes < SMALL_BYTES)
             content = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-            copied = copy_span(handle, *entry.passthrough_span, len(content)) if entry.passthrough_span else 0
-            handle.write(content[copied:])
+            if digest is not None:
+                digest.feed(content)
+            write_content(handle, content, entry.passthrough_span)
             del array, content
             bar.update(entry.nbytes)
+        if digest is not None:
+            handle.seek(placeholder_offset(header))
+            handle.write(digest.value().encode("ascii"))
+            handle.seek(0, os.SEEK_END)
     watch.finish()
     return planned

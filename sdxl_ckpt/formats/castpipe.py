@@ -1,0 +1,85 @@
+"""A requested cast of a large tensor, done in chunks on worker threads while the writer writes the chunks done.
+
+``st-to-ms --dtype fp32`` turns 6.9 GB of fp16 into 13.9 GB of fp32: numpy 1.x casts half precision one element
+at a time (~2-3 ns each, about as long as writing the result), so casting a whole tensor and then writing it
+takes the sum of both. Here a tensor over ``STREAM_MIN_BYTES`` is cut into pieces of ``PIECE_ELEMENTS``; worker
+threads (numpy releases the GIL while casting) cast the next pieces while the writer writes the current one, so
+the cast hides behind the write on a machine with a free core, and memory holds a few pieces instead of a second
+copy of the tensor. Casts are element-wise, so the pieces join to exactly the bytes of the whole-tensor cast.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from sdxl_ckpt.formats.dtypes import ITEMSIZE, cast_array
+from sdxl_ckpt.formats.entries import TensorEntry
+
+# 4 Mi elements: 16 MiB of fp32 output per piece, under glibc's largest mmap threshold (32 MiB), so freed
+# pieces are reused from the heap instead of being mapped (and page-faulted) afresh
+PIECE_ELEMENTS = 1 << 22
+STREAM_MIN_BYTES = 2 * PIECE_ELEMENTS * 4  # below this a tensor is cast whole: the pipeline would not pay
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="sdxl-ckpt-cast")
+        return _pool
+
+
+def cast_pieces(load: Callable[[], np.ndarray], src: str, dst: str, key: str | None = None) -> Iterator[np.ndarray]:
+    """The cast of ``load()`` (``src`` -> ``dst``, safetensors dtypes) as flat uint8 pieces, in order.
+
+    A few pieces ahead are in flight at any time (one per worker, plus one); leaving the loop early cancels the
+    ones not started.
+    """
+    flat = load().reshape(-1)
+    pool = _executor()
+
+    def cast(start: int) -> np.ndarray:
+        part = cast_array(flat[start : start + PIECE_ELEMENTS], src, dst, key=key)
+        return np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+
+    starts = iter(range(0, flat.size, PIECE_ELEMENTS))
+    pending: deque[Future] = deque()
+    try:
+        for start in starts:
+            pending.append(pool.submit(cast, start))
+            if len(pending) > _workers():
+                break
+        while pending:
+            piece = pending.popleft().result()
+            start = next(starts, None)
+            if start is not None:
+                pending.append(pool.submit(cast, start))
+            yield piece
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def cast_entry(entry: TensorEntry, name: str, dst: str) -> TensorEntry:
+    """``entry`` renamed to ``name`` and cast to ``dst``: ``load()`` casts it whole, and a large one also streams."""
+    src = entry.dtype
+
+    def load() -> np.ndarray:
+        return cast_array(entry.load(), src, dst, key=name)
+
+    big = entry.numel * ITEMSIZE[dst] >= STREAM_MIN_BYTES
+    pieces = (lambda: cast_pieces(entry.load, src, dst, key=name)) if big else None
+    return TensorEntry(name, dst, entry.shape, load, source=entry.source, pieces=pieces)
