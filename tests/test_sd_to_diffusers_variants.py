@@ -3,7 +3,8 @@
 The tiny models are those of ``test_variants`` (inpainting 9-ch, instruct-pix2pix 8-ch, Playground v2.5 with its
 EDM tensors, v-prediction with zero terminal SNR, SSD-1B- and Vega-like depths), built with the real diffusers
 classes. The exported folder must hold the same tensors, a UNet config with the same input channels and depths,
-and the scheduler of the variant (EDM for Playground v2.5, v-prediction for the v-pred row), and it must load.
+the VAE's latent statistics (Playground's ``edm_mean`` / ``edm_std`` tensors become ``latents_mean`` /
+``latents_std``), the scheduler of the variant (EDM for Playground v2.5, v-prediction for the v-pred row), and load.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def test_variant_row_exports_bit_exact_with_its_scheduler(name: str, tmp_path: P
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     if name == "playground-v2.5":
         assert scheduler["_class_name"] == "EDMDPMSolverMultistepScheduler"
+        vae_in = json.loads((pipe / "vae" / "config.json").read_text())
+        vae_out = json.loads((out / "vae" / "config.json").read_text())
+        for field in ("latents_mean", "latents_std", "scaling_factor"):
+            assert vae_out[field] == vae_in[field], field
+        assert {d["key"] for d in report["dropped"]} >= {"edm_mean", "edm_std"}
     else:
         expected = "v_prediction" if name == "v-pred" else "epsilon"
         assert scheduler["_class_name"] == "EulerDiscreteScheduler" and scheduler["prediction_type"] == expected

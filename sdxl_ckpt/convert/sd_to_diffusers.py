@@ -22,14 +22,14 @@ from typing import Any
 from sdxl_ckpt.convert.ms_input import read_mindspore_as_sd
 from sdxl_ckpt.errors import CorruptFileError, InputError
 from sdxl_ckpt.formats.atomic import atomic_output_dir, check_output_dir
-from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES
+from sdxl_ckpt.formats.dtypes import DTYPE_CHOICES, to_float32
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.formats.safetensors_io import read_safetensors, write_safetensors
 from sdxl_ckpt.keymaps.diffusers_sd import SD_PREFIXES
 from sdxl_ckpt.keymaps.sd_diffusers_plan import ComponentPlan, plan_component, split_components
 from sdxl_ckpt.sdxl.architecture import METADATA, WEIGHTS, infer_architecture
 from sdxl_ckpt.sdxl.configs import model_index
-from sdxl_ckpt.sdxl.variants import VARIANT_NAMES, Detection, structure_of
+from sdxl_ckpt.sdxl.variants import LATENT_MARKERS, MARKERS, VARIANT_NAMES, Detection, structure_of
 
 CONFIG_METADATA = "sdxl_ckpt.config."  # + component: its config.json text, written by diffusers-to-sd
 WEIGHT_BASENAME = {
@@ -185,6 +185,24 @@ def component_configs(
     return configs, provenance, scheduler, guesses
 
 
+def _carry_markers(entries: Mapping[str, TensorEntry], configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """The variant's marker tensors, which a diffusers folder states in its configs instead: Playground's latent
+    statistics go into the VAE config (``latents_mean`` / ``latents_std``, unless its stored config has them);
+    the v-prediction / EDM flags are already in the variant's scheduler config. Returns the report rows."""
+    rows: dict[str, dict[str, str]] = {}
+    for name, entry in entries.items():
+        if name not in MARKERS:
+            continue
+        where = "scheduler"
+        if name in LATENT_MARKERS:
+            where = "vae"
+            field = LATENT_MARKERS[name]
+            if configs["vae"].get(field) is None:
+                configs["vae"][field] = [float(v) for v in to_float32(entry.load(), entry.dtype).reshape(-1)]
+        rows[name] = {"component": where, "key": name, "reason": f"in the {where} config: {MARKERS[name]}"}
+    return rows
+
+
 # --- output -----------------------------------------------------------------------------------------------------
 
 
@@ -263,8 +281,9 @@ def convert_sd_to_diffusers(
     tokenizer_dir = _check_tokenizers(tokenizers, structure)
     shapes = {n: e.shape for n, e in entries.items()}
     configs, provenance, scheduler, guesses = component_configs(structure, metadata, shapes, src)
+    markers = _carry_markers(entries, configs)
     requested = DTYPE_CHOICES[dtype]
-    groups = split_components(entries, structure, src)
+    groups = split_components({n: e for n, e in entries.items() if n not in markers}, structure, src)
     plans = [plan_component(n, groups[n], configs[n], structure, requested, src) for n in SD_PREFIXES[structure]]
 
     notes = list(source["notes"])
@@ -287,7 +306,7 @@ def convert_sd_to_diffusers(
     names = " and ".join(f"{n}/" for n in _tokenizer_names(structure))
     if tokenizer_dir is None:
         notes.append(f"no tokenizers in the folder (a checkpoint holds none): {TOKENIZER_HINT.format(names=names)}")
-    dropped = [d for p in plans for d in p.dropped]
+    dropped = [d for p in plans for d in p.dropped] + list(markers.values())
     return {
         "command": "sd-to-diffusers",
         "source": str(src),
