@@ -63,7 +63,7 @@ def test_fast_reader_gives_what_pyyaml_gives(variant):
         ("{ms: ", "{ms: null, x: "),  # YAML null
         ("shape: [320]", "shape: [3.2e2]"),  # a float
         ("variant: base", "variant: base  # a comment"),
-        ("dims: [d320]", "dims: [d320, [d4]]"),  # nesting
+        ("shape: [320]", "shape: [320, [4]]"),  # nesting
         ("\nkeys:\n", "\nkeys: !!map\n"),  # a tag
     ],
 )

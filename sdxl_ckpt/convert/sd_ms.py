@@ -37,7 +37,7 @@ from sdxl_ckpt.keymaps.mindone import check_lists, read_list
 from sdxl_ckpt.keymaps.sd_extras import prepare_sd
 from sdxl_ckpt.keymaps.sd_ms import ms_entries_as_sd, sd_to_ms_name
 from sdxl_ckpt.sdxl.architecture import HEAD_FIELDS, OPENCLIP, Architecture, infer_architecture
-from sdxl_ckpt.sdxl.components import partial_of
+from sdxl_ckpt.sdxl.components import missing_components, partial_of
 from sdxl_ckpt.sdxl.variants import (
     MARKERS,
     MODELSPEC_ARCHITECTURE,
@@ -249,7 +249,10 @@ def st_to_ms(
     if (key_torch is None) != (key_ms is None):
         raise InputError("--key-torch and --key-ms go together")
     check_output(out, overwrite, inputs=(src, key_torch, key_ms))
-    expect(sniff(src, partial_of), ("sd",), "st-to-ms", "an SD safetensors file")
+    found = sniff(src, partial_of)
+    # a checkpoint lacking only its VAE is the architecture check's to judge: ``--vae FILE`` completes it
+    vae_only = found.kind == "partial" and missing_components(found.names) == ["vae"]
+    expect(found, ("sd", "partial") if vae_only else ("sd",), "st-to-ms", "an SD safetensors file")
     source = read_safetensors(src)
     vae_entries = read_safetensors(Path(vae)).by_name() if vae is not None else None
     prepared = prepare_sd(source.by_name(), vae=vae_entries, vae_path=vae, path=src)

@@ -48,10 +48,17 @@ def partial_of(names: Collection[str]) -> str | None:
     known = [c for c in COMPONENTS if c != "other" and counts[c]]
     if not known:
         return ""
-    if "unet" in known and "vae" in known and ("clip_l" in known or "openclip" in known):
+    lacking = missing_components(names)
+    if not lacking:
         return None
+    held = ", ".join(f"{c} {counts[c]} tensors" for c in known)
+    return f"only {held}; no {', no '.join(lacking)}"
+
+
+def missing_components(names: Collection[str]) -> list[str]:
+    """The parts a whole SDXL checkpoint has and these SD-prefixed names lack (``unet``, ``vae``, text encoders)."""
+    known = {component_of(n) for n in names}
     lacking = [c for c in ("unet", "vae") if c not in known]
     if "clip_l" not in known and "openclip" not in known:
         lacking.append("text encoders")
-    held = ", ".join(f"{c} {counts[c]} tensors" for c in known)
-    return f"only {held}; no {', no '.join(lacking)}"
+    return lacking
