@@ -188,9 +188,6 @@ def write_config_folder(
     return refiner, cond_dim
 
 
-COND_PROJ_SD_KEY = COND_PROJ_KEY
-
-
 def attach_cond_proj(pipe: Any, src: Path, cond_dim: int) -> None:
     """Rebuild the UNet with its LCM guidance embedding and fill it from the SD file's ``time_cond_proj``."""
     import torch
@@ -198,13 +195,13 @@ def attach_cond_proj(pipe: Any, src: Path, cond_dim: int) -> None:
     from safetensors import safe_open
 
     with safe_open(str(src), "pt") as handle:
-        if COND_PROJ_SD_KEY not in handle.keys():
+        if COND_PROJ_KEY not in handle.keys():
             raise InputError(
                 f"UNet config has time_cond_proj_dim {cond_dim} but the file lacks the tensor",
                 path=src,
-                key=COND_PROJ_SD_KEY,
+                key=COND_PROJ_KEY,
             )
-        weight = handle.get_tensor(COND_PROJ_SD_KEY).to(torch.float32)
+        weight = handle.get_tensor(COND_PROJ_KEY).to(torch.float32)
     config = {k: v for k, v in pipe.unet.config.items() if k != "_use_default_values"}  # else the default wins
     config["time_cond_proj_dim"] = cond_dim
     unet = UNet2DConditionModel.from_config(config).to(torch.float32)
