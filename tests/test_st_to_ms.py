@@ -282,3 +282,35 @@ def test_detection_notes_and_errors(sd_files, tmp_path, capsys):
     )
     rc, _out, err = _run(["st-to-ms", neither, "-o", tmp_path / "d.ckpt", "-q"], capsys)
     assert rc == 2 and "resblocks.9.mlp.c_proj.bias" in err
+
+
+def _resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (mincore, via the bench's helper)."""
+    from bench.pagecache import resident_bytes
+
+    found = resident_bytes(path)
+    if found is None:
+        pytest.skip("the kernel does not report page-cache residency here")
+    return found
+
+
+def test_ckpt_output_leaves_no_page_cache(sd_files, tmp_path, capsys):
+    """MindSpore's load_checkpoint needs MemFree (cache not counted) above the ckpt's size after reading it: st-to-ms
+    to a .ckpt drops its output's and its input's cached pages; a safetensors output leaves the input cached."""
+    from bench.pagecache import evict, warm
+
+    src = tmp_path / "base.safetensors"
+    src.write_bytes(sd_files["base"].read_bytes())
+    evict([src])
+    if _resident(src):
+        pytest.skip("this filesystem keeps pages the kernel was told to drop (tmpfs?)")
+    warm([src])
+    assert _resident(src) > 0
+    out = tmp_path / "base.ckpt"
+    rc, _, err = _run(["st-to-ms", src, "-o", out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert _resident(src) == 0 and _resident(out) == 0
+    warm([src])
+    rc, _, err = _run(["st-to-ms", src, "-o", tmp_path / "base_ms.safetensors", "--quiet"], capsys)
+    assert rc == 0, err
+    assert _resident(src) > 0

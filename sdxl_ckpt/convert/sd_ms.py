@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sdxl_ckpt.errors import InputError, KeyMismatchError
-from sdxl_ckpt.formats.atomic import check_output, output_format
+from sdxl_ckpt.formats.atomic import check_output, drop_cached_inputs, output_format
 from sdxl_ckpt.formats.castpipe import cast_entry
 from sdxl_ckpt.formats.ckpt_io import scan_ckpt, verify_crc, write_ckpt
 from sdxl_ckpt.formats.digest import MODELSPEC_HASH, ContentDigest
@@ -294,6 +294,7 @@ def st_to_ms(
         absent = [k for k, e in check.expected.items() if not e.required and k not in entries]
         if fmt == "ckpt":
             written = write_ckpt(out, planned, overwrite=overwrite, quiet=quiet, desc="st-to-ms", digest=planner.digest)
+            drop_cached_inputs((src, vae))  # so MindSpore's load_checkpoint finds the memory free
         else:
             # the source's ModelSpec hash describes the source's data section, not this file's
             kept = {k: v for k, v in source.metadata.items() if k != MODELSPEC_HASH}

@@ -151,6 +151,29 @@ def drop_page_cache(fd: int) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def drop_cached_inputs(paths: Iterable[str | os.PathLike | None]) -> None:
+    """Let the kernel drop the cached pages of the files a ckpt was made from (None and missing paths skipped).
+
+    ``load_checkpoint`` reads the whole .ckpt into memory, then checks that MemFree still exceeds its size; the
+    read itself adds the file to the page cache. So a just-converted ckpt loads only when the cache is nearly
+    empty: about three times its size free (its bytes, their cache, and the check). The converter's own input
+    is cache it filled; dropping it is what lets a 6.9 GB base load on a 24 GB machine right after st-to-ms.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 OUTPUT_SUFFIXES = {".ckpt": "ckpt", ".safetensors": "safetensors"}
 
 
