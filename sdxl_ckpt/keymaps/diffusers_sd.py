@@ -26,6 +26,7 @@ from functools import cached_property
 from typing import Any
 
 from sdxl_ckpt.errors import InputError, KeyMismatchError
+from sdxl_ckpt.keymaps.templates import expand_template
 from sdxl_ckpt.keymaps.transforms import TRANSFORMS
 from sdxl_ckpt.sdxl.variants import COND_PROJ_KEY, UNET_PREFIX
 
@@ -549,7 +550,7 @@ def map_component_keys(
             if rule.replacement is None:
                 result.dropped[key] = rule.reason
                 break
-            name = match.expand(rule.replacement)
+            name = expand_template(match, rule.replacement)
             if rule.transform == "concat_qkv":
                 parts = qkv.setdefault(name, {})
                 part = match.group("qkv")

@@ -13,7 +13,6 @@ each with its reason.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -26,6 +25,7 @@ from sdxl_ckpt.keymaps.diffusers_sd import (
     component_rules,
     expected_sd_keys,
 )
+from sdxl_ckpt.keymaps.templates import expand_template
 
 try:  # the regex parser: re._parser since Python 3.11, sre_parse before
     from re import _constants as _sre
@@ -76,31 +76,6 @@ def rule_language(pattern: str) -> tuple[str, ...]:
     return tuple(_language(_sre_parse.parse(pattern), pattern))
 
 
-_GROUP_REF = re.compile(r"\\g<(\w+)>")
-
-
-@lru_cache(maxsize=4096)
-def _template(replacement: str) -> tuple[tuple[str, bool], ...] | None:
-    """A replacement template as (text, is a group name) parts, or None when it uses other escapes than
-    ``\\g<name>`` (then ``Match.expand`` is used). ``Match.expand`` re-parses its template on every call."""
-    parts: list[tuple[str, bool]] = []
-    last = 0
-    for ref in _GROUP_REF.finditer(replacement):
-        parts += [(replacement[last : ref.start()], False), (ref.group(1), True)]
-        last = ref.end()
-    parts.append((replacement[last:], False))
-    if any("\\" in text for text, is_group in parts if not is_group):
-        return None
-    return tuple(parts)
-
-
-def _expand(match: re.Match[str], replacement: str) -> str:
-    parts = _template(replacement)
-    if parts is None:
-        return match.expand(replacement)
-    return "".join(match.group(text) if is_group else text for text, is_group in parts)
-
-
 @dataclass(frozen=True)
 class SourceOf:
     """One SD tensor on the way back: its SD name, the diffusers keys it becomes (q, k, v order), the transform."""
@@ -122,7 +97,7 @@ def inverse_rules(rules: Iterable[Rule]) -> dict[str, SourceOf]:
             match = rule.apply(key)
             if match is None:  # the enumeration and the regex disagree: a pattern feature _language misreads
                 raise ValueError(f"rule {rule.pattern!r} does not match its own string {key!r}")
-            name = _expand(match, rule.replacement)
+            name = expand_template(match, rule.replacement)
             if rule.transform == "concat_qkv":
                 parts.setdefault(name, {}).setdefault(match.group("qkv"), key)
             elif name not in singles:

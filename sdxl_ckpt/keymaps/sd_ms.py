@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from sdxl_ckpt.formats.entries import TensorEntry
+from sdxl_ckpt.keymaps.templates import expand_template
 from sdxl_ckpt.sdxl.architecture import sd_name
 
 # modules whose .weight/.bias are a GroupNorm/LayerNorm affine: matched as the LAST path component(s) of the module
@@ -71,7 +72,7 @@ def sd_to_ms_name(sd_key: str, rules: tuple[Rule, ...] = RULES) -> tuple[str | N
     for rule in rules:
         match = rule.regex.fullmatch(sd_key)
         if match is not None:
-            return (None if rule.replacement is None else match.expand(rule.replacement)), rule
+            return (None if rule.replacement is None else expand_template(match, rule.replacement)), rule
     raise AssertionError("the last rule matches every key")  # pragma: no cover
 
 

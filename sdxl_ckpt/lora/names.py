@@ -23,6 +23,7 @@ from functools import cache
 from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.keymaps import load_keymap
 from sdxl_ckpt.keymaps.diffusers_sd import QKV_ORDER, SD_PREFIXES, component_rules
+from sdxl_ckpt.keymaps.templates import expand_template
 from sdxl_ckpt.sdxl.configs import full_configs
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -170,7 +171,7 @@ def module_index(structure: str) -> ModuleIndex:
                     continue  # biases and embedding tables are no LoRA targets
                 match = rule.regex.fullmatch(key)
                 part = QKV_ORDER.index(match.group("qkv")) if rule.transform == "concat_qkv" else None
-                sd_key = match.expand(rule.replacement)
+                sd_key = expand_template(match, rule.replacement)
                 if sd_key in present:
                     _register(index, Module(component, key.removesuffix(".weight"), sd_key, rule.transform, part))
     return index
