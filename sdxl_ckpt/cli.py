@@ -602,13 +602,13 @@ def lora_merge_cmd(
 
 
 def _plain_coercion() -> None:
-    """Let typer pass plain ``str`` / ``bool`` option values through without building a pydantic validator.
+    """Let typer pass plain ``str`` / ``bool`` / ``int`` / ``float`` values through without a pydantic validator.
 
     typer >= 0.26 validates every parameter with a pydantic ``TypeAdapter``; importing pydantic and building the
     adapters costs ~0.15 s, half of a small conversion. For a ``str`` parameter without path checks, choices or a
-    custom parser the adapter returns the command-line string unchanged, and a ``bool`` flag arrives as a bool: such
-    values are returned as they are, anything else still goes through typer's own validation (older typer has
-    no adapters and is left alone).
+    custom parser the adapter returns the command-line string unchanged, a ``bool`` flag arrives as a bool, and an
+    ``int`` / ``float`` is the string parsed: such values are returned so, anything else (and a number that does
+    not parse) still goes through typer's own validation (older typer has no adapters and is left alone).
     """
     try:
         from typer._coercion import RuntimeParam, build_runtime_param
@@ -619,8 +619,13 @@ def _plain_coercion() -> None:
 
     class _Plain(RuntimeParam):
         def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
-            if isinstance(value, self.annotation):
+            if value is None or isinstance(value, self.annotation):  # None: an optional option not given
                 return value
+            if self.annotation in (int, float) and isinstance(value, str):
+                try:
+                    return self.annotation(value)
+                except ValueError:
+                    pass  # typer's own validation words the error
             return build_runtime_param(param.type_descriptor)._coerce_value(value, param=param, ctx=ctx)
 
     def get_runtime_param(self: Any) -> Any:
@@ -629,7 +634,7 @@ def _plain_coercion() -> None:
             info = getattr(desc, "parameter_info", None)
             if (
                 desc is not None
-                and desc.annotation in (str, bool)
+                and desc.annotation in (str, bool, int, float)
                 and desc.file_annotation is None
                 and getattr(info, "parser", None) is None
                 and not desc.is_path

@@ -4,8 +4,8 @@ LoRA formats name the module a LoRA patches in four ways (diffusers path, sgm pa
 ``_`` after a ``lora_unet_`` / ``lora_te1_`` prefix, mindone's parameter path). Turning ``_`` back into ``.``
 cannot work (``to_q``, ``proj_in``, ``transformer_blocks`` contain ``_``), so the index goes the other way: it
 lists every module of the structure from the rule tables of ``keymaps.diffusers_sd`` (the same tables the model
-converters use; each rule's pattern is a finite regular language, enumerated here) and spells each module in every
-format. A LoRA key is then looked up exactly; a name the index lacks is an unknown key, never a guess.
+converters use; each rule's pattern is a finite regular language, enumerated by ``rule_language``) and spells each
+module in every format. A LoRA key is then looked up exactly; a name the index lacks is an unknown key, never a guess.
 
 A module's weight lands in one SD tensor (``sd_key``) through the rule's transform: ``none``; ``transpose`` (the
 OpenCLIP ``text_projection``, stored x @ P in SD); ``concat_qkv`` (OpenCLIP q/k/v are the three row blocks of one
@@ -15,14 +15,13 @@ OpenCLIP ``text_projection``, stored x @ P in SD); ``concat_qkv`` (OpenCLIP q/k/
 from __future__ import annotations
 
 import re
-import re._parser as sre_parse
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 
 from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.keymaps import load_keymap
 from sdxl_ckpt.keymaps.diffusers_sd import QKV_ORDER, SD_PREFIXES, component_rules
+from sdxl_ckpt.keymaps.sd_diffusers import rule_language
 from sdxl_ckpt.keymaps.templates import expand_template
 from sdxl_ckpt.sdxl.configs import full_configs
 
@@ -90,54 +89,6 @@ class ModuleIndex:
         table[name] = module
 
 
-def _expand(items: list, groups: dict[int, str]) -> Iterator[str]:
-    """Every string of a parsed, finite regular expression (literals, classes, alternations, groups, bounded ?)."""
-    if not items:
-        yield ""
-        return
-    (op, arg), rest = items[0], items[1:]
-    name = str(op)
-    if name == "LITERAL":
-        heads: list[str] = [chr(arg)]
-    elif name == "IN":
-        heads = []
-        for sub_op, sub_arg in arg:
-            if str(sub_op) == "LITERAL":
-                heads.append(chr(sub_arg))
-            elif str(sub_op) == "RANGE":
-                heads += [chr(c) for c in range(sub_arg[0], sub_arg[1] + 1)]
-            else:
-                raise ValueError(f"unsupported class item {sub_op}")
-    elif name == "SUBPATTERN":
-        heads = list(_expand(list(arg[-1]), groups))
-    elif name == "BRANCH":
-        heads = [s for branch in arg[1] for s in _expand(list(branch), groups)]
-    elif name in ("MAX_REPEAT", "MIN_REPEAT"):
-        low, high, sub = arg
-        if high > 4:
-            raise ValueError("unbounded repetition: not a finite language")
-        one = list(_expand(list(sub), groups))
-        heads = []
-        for count in range(low, high + 1):
-            parts = [""]
-            for _ in range(count):
-                parts = [p + s for p in parts for s in one]
-            heads += parts
-    elif name == "ASSERT_NOT":
-        return  # the "(?!)" of an empty index range: matches nothing
-    else:
-        raise ValueError(f"unsupported regex element {name}")
-    for head in heads:
-        for tail in _expand(rest, groups):
-            yield head + tail
-
-
-def language(pattern: str) -> list[str]:
-    """All strings a finite regex fully matches (the diffusers keys one rule accepts)."""
-    parsed = sre_parse.parse(pattern)
-    return [s for s in _expand(list(parsed), {}) if re.fullmatch(pattern, s)]
-
-
 def _flat_clip(module: str) -> str | None:
     """The same CLIP module without the ``text_model.`` level (transformers >= 5.6 CLIPTextModel names)."""
     return module[len(CLIP_LEVEL) :] if module.startswith(CLIP_LEVEL) else None
@@ -166,7 +117,7 @@ def module_index(structure: str) -> ModuleIndex:
         for rule in component_rules(component, configs[component], prefix):
             if rule.replacement is None:
                 continue
-            for key in language(rule.pattern):
+            for key in rule_language(rule.pattern):
                 if not key.endswith(".weight") or key.endswith("embedding.weight"):
                     continue  # biases and embedding tables are no LoRA targets
                 match = rule.regex.fullmatch(key)
