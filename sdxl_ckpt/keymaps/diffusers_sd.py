@@ -524,6 +524,38 @@ class ComponentMap:
     missing: list[str] = field(default_factory=list)
 
 
+class _RuleBuckets:
+    """A rule table split by the first two dotted parts of each rule's literal prefix, order kept.
+
+    A key can only match rules whose literal it starts with, so it needs only the rules of its own two-part head
+    plus those whose literal is shorter than two parts; tried in table order, the first match is the same as a
+    scan of the whole table (which costs ~25 tries per key on the UNet's ~300 rules).
+    """
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = list(rules)
+        self._by_head: dict[str, list[Rule]] = {}
+        self._short = [i for i, r in enumerate(self.rules) if r.literal.count(".") < 2]
+        self._indexed: dict[str, list[int]] = {}
+        for i, rule in enumerate(self.rules):
+            if rule.literal.count(".") >= 2:
+                self._indexed.setdefault(_head(rule.literal), []).append(i)
+
+    def for_key(self, key: str) -> list[Rule]:
+        head = _head(key)
+        found = self._by_head.get(head)
+        if found is None:
+            order = sorted(self._short + self._indexed.get(head, []))
+            found = self._by_head[head] = [self.rules[i] for i in order]
+        return found
+
+
+def _head(name: str) -> str:
+    """The first two dotted parts of ``name`` (``down_blocks.1``), or "" when it has fewer."""
+    parts = name.split(".", 2)
+    return ".".join(parts[:2]) if len(parts) > 2 else ""
+
+
 def map_component_keys(
     component: str,
     keys: Iterable[str],
@@ -537,13 +569,13 @@ def map_component_keys(
     Raises ``KeyMismatchError`` when a concat_qkv target lacks one of q, k, v or when two keys would give the same
     SD name; ``source_of`` (key -> file) only improves those messages.
     """
-    rules = component_rules(component, config, sd_prefix)
+    candidates = _RuleBuckets(component_rules(component, config, sd_prefix))
     result = ComponentMap(component)
     qkv: dict[str, dict[str, str]] = {}
     order: dict[str, Target | None] = {}  # SD name -> target (None while a concat is being collected)
     claimed: dict[str, str] = {}
     for key in keys:
-        for rule in rules:
+        for rule in candidates.for_key(key):
             match = rule.apply(key)
             if match is None:
                 continue
