@@ -11,6 +11,7 @@ from sdxl_ckpt.formats.atomic import check_output
 from sdxl_ckpt.formats.sniff import expect, sniff
 from sdxl_ckpt.report import render_table, write_json
 from sdxl_ckpt.sdxl.components import partial_of
+from sdxl_ckpt.sdxl.variants import CONCAT_KINDS, MODEL_KINDS
 
 SOURCE_KINDS = ("folder", "sd")
 SOURCE_WANTS = "a diffusers folder or an SD safetensors file"
@@ -39,7 +40,7 @@ def _check_same_model(ckpt: str, ref: Any) -> None:
     from sdxl_ckpt.manage.sources import open_checkpoint
 
     # the kinds whose keys or shapes differ (an LCM UNet has the base's); the other rows are left to the loader
-    structure = {"base": "base", "lcm": "base", "refiner": "refiner", "inpaint": "inpaint", "pix2pix": "pix2pix"}
+    structure = {name: "base" if name == "lcm" else name for name in (*MODEL_KINDS, *CONCAT_KINDS)}
     ours = open_checkpoint(ckpt).variant
     theirs = str(ref.meta.get("variant"))
     if structure.get(ours, ours) != structure.get(theirs, theirs) and ours in structure and theirs in structure:

@@ -80,6 +80,26 @@ def _assert_all_within(report: dict, steps: int, *expected: str) -> list[str]:
     return names
 
 
+def _round_trip_and_reference_from_sd_file(case: dict[str, Path], name: str, tmp_path: Path, capsys) -> None:
+    """ms-to-st gives the SD file back bit for bit; diffusers' from_single_file on it gives the folder's reference."""
+    from safetensors.numpy import load_file
+
+    back = tmp_path / "back.safetensors"
+    assert _cli(["ms-to-st", case["ckpt"], "-o", back, "-q"], capsys)[0] == 0
+    original, again = load_file(case["sd"]), load_file(back)
+    assert set(original) == set(again)
+    for key, array in original.items():
+        assert again[key].dtype == array.dtype and again[key].tobytes() == array.tobytes(), key
+    from_file = tmp_path / "ref_sd.npz"
+    rc, _out, err = _cli(["reference", case["sd"], "-o", from_file, "--steps", STEPS, *SIZE, "-q"], capsys)
+    assert rc == 0, err
+    a, b = load_reference(case["ref"]), load_reference(from_file)
+    assert b.meta["source"]["kind"] == "single_file" and b.meta["variant"] == name
+    assert sorted(a.arrays) == sorted(b.arrays)
+    for array in a.arrays:
+        np.testing.assert_allclose(b[array], a[array], rtol=1e-6, atol=1e-6, err_msg=array)
+
+
 # --- inpainting: the full sampling chain --------------------------------------------------------------------------
 
 
@@ -106,22 +126,7 @@ def test_inpaint_verify_passes_every_stage(inpaint, tmp_path, capsys):
 
 
 def test_inpaint_round_trip_and_reference_from_sd_file(inpaint, tmp_path, capsys):
-    from safetensors.numpy import load_file
-
-    back = tmp_path / "back.safetensors"
-    assert _cli(["ms-to-st", inpaint["ckpt"], "-o", back, "-q"], capsys)[0] == 0
-    original, again = load_file(inpaint["sd"]), load_file(back)
-    assert set(original) == set(again)
-    for key, array in original.items():
-        assert again[key].dtype == array.dtype and again[key].tobytes() == array.tobytes(), key
-    from_file = tmp_path / "ref_sd.npz"
-    rc, _out, err = _cli(["reference", inpaint["sd"], "-o", from_file, "--steps", STEPS, *SIZE, "-q"], capsys)
-    assert rc == 0, err
-    a, b = load_reference(inpaint["ref"]), load_reference(from_file)
-    assert b.meta["source"]["kind"] == "single_file" and b.meta["variant"] == "inpaint"
-    assert sorted(a.arrays) == sorted(b.arrays)
-    for name in a.arrays:
-        np.testing.assert_allclose(b[name], a[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    _round_trip_and_reference_from_sd_file(inpaint, "inpaint", tmp_path, capsys)
 
 
 def test_inpaint_below_full_strength_is_img2img(inpaint, tmp_path, capsys):
@@ -131,7 +136,9 @@ def test_inpaint_below_full_strength_is_img2img(inpaint, tmp_path, capsys):
     assert _cli(args, capsys)[0] == 0
     data = load_reference(ref)
     assert data["timesteps"].tolist() == [499] and data.settings["img2img_start"] == 1
-    assert not np.array_equal(data["noise"], load_reference(inpaint["ref"])["noise"] * 0)
+    # the noise the pipeline added is the seed's first draw (the posterior mean consumed none of the generator)
+    assert np.array_equal(data["noise"], load_reference(inpaint["ref"])["noise"])
+    assert data["init_latent"].shape == data["masked_image_latent"].shape
     rc, report = _verify(inpaint["ckpt"], ref, tmp_path, capsys)
     assert rc == 0
     _assert_all_within(report, 1, "vae_encode.init", "vae_encode", "inpaint_mask")
@@ -186,21 +193,7 @@ def test_pix2pix_verify_passes_every_stage(pix2pix, tmp_path, capsys):
 
 
 def test_pix2pix_round_trip_and_reference_from_sd_file(pix2pix, tmp_path, capsys):
-    from safetensors.numpy import load_file
-
-    back = tmp_path / "back.safetensors"
-    assert _cli(["ms-to-st", pix2pix["ckpt"], "-o", back, "-q"], capsys)[0] == 0
-    original, again = load_file(pix2pix["sd"]), load_file(back)
-    assert set(original) == set(again)
-    for key, array in original.items():
-        assert again[key].dtype == array.dtype and again[key].tobytes() == array.tobytes(), key
-    from_file = tmp_path / "ref_sd.npz"
-    rc, _out, err = _cli(["reference", pix2pix["sd"], "-o", from_file, "--steps", STEPS, *SIZE, "-q"], capsys)
-    assert rc == 0, err
-    b = load_reference(from_file)
-    assert b.meta["variant"] == "pix2pix" and b.meta["source"]["kind"] == "single_file"
-    rc, report = _verify(pix2pix["ckpt"], from_file, tmp_path, capsys)
-    assert rc == 0 and report["passed"]
+    _round_trip_and_reference_from_sd_file(pix2pix, "pix2pix", tmp_path, capsys)
 
 
 def test_pix2pix_refuses_a_step_count_its_spacing_cannot_give(pix2pix, tmp_path, capsys):
