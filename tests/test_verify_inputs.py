@@ -199,3 +199,18 @@ def test_pix2pix_round_trip_and_reference_from_sd_file(pix2pix, tmp_path, capsys
 def test_pix2pix_refuses_a_step_count_its_spacing_cannot_give(pix2pix, tmp_path, capsys):
     rc, _out, err = _cli(["reference", pix2pix["folder"], "-o", tmp_path / "r.npz", "--steps", 3, *SIZE], capsys)
     assert rc == 2 and "takes no explicit timesteps" in err
+
+
+def test_three_branch_guider_batches_and_combines_in_diffusers_order():
+    from sdxl_ckpt.sdxl_runtime.sampling import make_guider
+
+    guider = make_guider(5.0, True, 1.5)
+    x = np.ones((1, 4, 2, 2), np.float32)
+    cond = {"context": np.full((1, 3), 1.0, np.float32), "concat": np.full((1, 4, 2, 2), 7.0, np.float32)}
+    uc = {"context": np.full((1, 3), 2.0, np.float32), "concat": cond["concat"]}
+    x_in, c_in = guider.prepare_inputs(x, 1.0, cond, uc)
+    assert x_in.shape[0] == 3 and c_in["context"][:, 0].tolist() == [1.0, 2.0, 2.0]
+    assert [float(c_in["concat"][i].max()) for i in range(3)] == [7.0, 7.0, 0.0]
+    text, image, uncond = (np.full((1, 4, 2, 2), v, np.float32) for v in (3.0, 2.0, 1.0))
+    combined = guider(np.concatenate([text, image, uncond]))
+    np.testing.assert_allclose(combined, 1.0 + 5.0 * (3.0 - 2.0) + 1.5 * (2.0 - 1.0))

@@ -32,7 +32,6 @@ from sdxl_ckpt.sdxl.variants import CONCAT_KINDS
 from sdxl_ckpt.sdxl_runtime.sampling import (
     SAMPLERS,
     DiscreteDenoiser,
-    ImageTextCFG,
     LegacyDDPMDiscretization,
     img2img_sample,
     img2img_start,
@@ -186,10 +185,8 @@ class Session:
                 x = np.concatenate([x, cond["concat"].astype(x.dtype)], axis=1)
             return self.rt.unet(x, t, cond["context"], cond["y"], cond.get("w_cond"))
 
-        if self.variant == "pix2pix" and self.cfg:
-            guider: Any = ImageTextCFG(self.s["guidance"], self.s["image_guidance"])
-        else:
-            guider = make_guider(self.s["guidance"], self.cfg)
+        image_scale = self.s["image_guidance"] if self.variant == "pix2pix" else None
+        guider = make_guider(self.s["guidance"], self.cfg, image_scale)
         denoise = make_denoise(
             network, DiscreteDenoiser(self.schedule.disc.table), guider, conds["cond"], conds.get("uncond")
         )

@@ -84,6 +84,11 @@ class ImageTextCFG:
         return pix2pix_guidance(d_text, d_image, d_uncond, self.scale, self.image_scale)
 
 
-def make_guider(scale: float, cfg: bool) -> IdentityGuider | VanillaCFG:
-    """diffusers' rule: classic CFG when the scale is above 1 and the UNet has no guidance embedding."""
+def make_guider(
+    scale: float, cfg: bool, image_scale: float | None = None
+) -> IdentityGuider | VanillaCFG | ImageTextCFG:
+    """diffusers' rule: classic CFG when the scale is above 1 and the UNet has no guidance embedding;
+    ``image_scale`` given (instruct-pix2pix, whose caller decides ``cfg`` by both scales): the three branches."""
+    if cfg and image_scale is not None:
+        return ImageTextCFG(scale, image_scale)
     return VanillaCFG(scale) if cfg and scale > 1.0 else IdentityGuider()
