@@ -290,7 +290,10 @@ SAMPLER = typer.Option("euler", "--sampler", help="euler | dpmpp_2m | lcm (each 
 GEN_STEPS = typer.Option(4, "--steps", help="Number of inference steps (refiner: of the full schedule).")
 GEN_SEED = typer.Option(0, "--seed", help="Seed of the initial noise (torch.Generator on the CPU).")
 GEN_GUIDANCE = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale (LCM with w-embedding: w+1).")
-GEN_STRENGTH = typer.Option(0.5, "--strength", help="Refiner img2img strength: runs int(steps*strength) steps.")
+GEN_STRENGTH = typer.Option(
+    None, "--strength", help="img2img strength, runs int(steps*strength) steps (default: refiner 0.5, inpainting 1)."
+)
+GEN_IMAGE_GUIDANCE = typer.Option(1.5, "--image-guidance", help="instruct-pix2pix: image guidance scale.")
 GEN_UNET = typer.Option(None, "--unet", help="A diffusers UNet folder replacing SRC's (e.g. an LCM UNet).")
 GEN_CONFIG = typer.Option(None, "--config", help="SD file: a diffusers folder to take configs/tokenizers from.")
 
@@ -303,7 +306,7 @@ def _generation(
     width: int | None,
     seed: int,
     guidance: float,
-    strength: float,
+    strength: float | None,
     unet: str | None,
     config: str | None,
 ) -> dict:
@@ -333,11 +336,12 @@ def reference_cmd(
     seed: int = GEN_SEED,
     guidance: float = GEN_GUIDANCE,
     sampler: str = SAMPLER,
-    strength: float = GEN_STRENGTH,
+    strength: Optional[float] = GEN_STRENGTH,  # noqa: UP045
     unet: Optional[str] = GEN_UNET,  # noqa: UP045
     config: Optional[str] = GEN_CONFIG,  # noqa: UP045
     lora: Optional[str] = typer.Option(None, "--lora", help="Load this LoRA with diffusers' load_lora_weights."),  # noqa: UP045
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="--lora: its adapter weight."),
+    image_guidance: float = GEN_IMAGE_GUIDANCE,
     overwrite: bool = OVERWRITE,
     json_out: Optional[str] = JSON_OUT,  # noqa: UP045
     quiet: bool = QUIET,
@@ -355,6 +359,7 @@ def reference_cmd(
         sampler=sampler,
         lora=lora,
         lora_scale=lora_scale,
+        image_guidance=image_guidance,
         **_generation(prompt, negative_prompt, steps, height, width, seed, guidance, strength, unet, config),
     )
 
@@ -378,7 +383,7 @@ def verify_cmd(
     width: Optional[int] = typer.Option(None, "--width", help="--source only."),  # noqa: UP045
     seed: int = GEN_SEED,
     guidance: float = GEN_GUIDANCE,
-    strength: float = GEN_STRENGTH,
+    strength: Optional[float] = GEN_STRENGTH,  # noqa: UP045
     unet: Optional[str] = GEN_UNET,  # noqa: UP045
     config: Optional[str] = GEN_CONFIG,  # noqa: UP045
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failing stage."),

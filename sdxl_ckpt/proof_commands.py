@@ -11,6 +11,7 @@ from sdxl_ckpt.formats.atomic import check_output
 from sdxl_ckpt.formats.sniff import expect, sniff
 from sdxl_ckpt.report import render_table, write_json
 from sdxl_ckpt.sdxl.components import partial_of
+from sdxl_ckpt.sdxl.variants import CONCAT_KINDS, MODEL_KINDS
 
 SOURCE_KINDS = ("folder", "sd")
 SOURCE_WANTS = "a diffusers folder or an SD safetensors file"
@@ -34,10 +35,12 @@ def _check_source(src: str, command: str, settings: dict[str, Any]) -> None:
 
 
 def _check_same_model(ckpt: str, ref: Any) -> None:
-    """A base ckpt against a refiner reference (or the reverse) is one short line, not thousands of key names."""
+    """A base ckpt against a refiner reference (or the reverse, or an inpainting / instruct-pix2pix ckpt against
+    another kind's reference) is one short line, not thousands of key names."""
     from sdxl_ckpt.manage.sources import open_checkpoint
 
-    structure = {"base": "base", "lcm": "base", "refiner": "refiner"}
+    # the kinds whose keys or shapes differ (an LCM UNet has the base's); the other rows are left to the loader
+    structure = {name: "base" if name == "lcm" else name for name in (*MODEL_KINDS, *CONCAT_KINDS)}
     ours = open_checkpoint(ckpt).variant
     theirs = str(ref.meta.get("variant"))
     if structure.get(ours, ours) != structure.get(theirs, theirs) and ours in structure and theirs in structure:

@@ -30,6 +30,7 @@ class Recording:
     step_noise: list[np.ndarray] = field(default_factory=list)
     add_noise: dict[str, np.ndarray] = field(default_factory=dict)
     decoded: np.ndarray | None = None
+    vae_encode: list[dict[str, np.ndarray]] = field(default_factory=list)  # per call: image, posterior mean
 
 
 def _text_hook(store: list[dict[str, np.ndarray]], pooled: bool):
@@ -85,9 +86,39 @@ def step_callback(rec: Recording):
     return callback
 
 
+def legacy_step_callback(rec: Recording):
+    """The old ``callback(step, t, latents)`` (instruct-pix2pix has no callback_on_step_end): the same record."""
+    on_step_end = step_callback(rec)
+
+    def callback(i: int, t: Any, latents: Any) -> None:
+        on_step_end(None, i, t, {"latents": latents})
+
+    return callback
+
+
+def _mean_encoder(vae_encode: Any, rec: Recording):
+    """``vae.encode`` recording its input and posterior mean, and returning a posterior whose ``sample`` IS the mean.
+
+    Inpainting's ``_encode_vae_image`` draws a posterior sample from the pipeline's generator; a reference is
+    deterministic and comparable only with the mean (what instruct-pix2pix's ``argmax`` and our encoder give).
+    """
+
+    def encode(x: Any, *args: Any, **kwargs: Any) -> Any:
+        out = vae_encode(x, *args, **kwargs)
+        dist = out[0] if isinstance(out, tuple) else out.latent_dist
+        rec.vae_encode.append({"image": _np(x), "mean": _np(dist.mode())})
+        dist.sample = lambda generator=None: dist.mode()
+        return out
+
+    return encode
+
+
 @contextlib.contextmanager
 def record(pipe: Any, rec: Recording) -> Iterator[Recording]:
-    """Install hooks on the encoders, UNet, add_embedding, VAE decode, scheduler noise; remove them afterwards."""
+    """Install hooks on the encoders, UNet, add_embedding, VAE encode / decode, scheduler noise; remove them after.
+
+    The one change to the computation: a VAE posterior is taken at its mean, never sampled (``_mean_encoder``).
+    """
     import diffusers.schedulers.scheduling_lcm as lcm_module
 
     handles = []
@@ -119,6 +150,7 @@ def record(pipe: Any, rec: Recording) -> Iterator[Recording]:
         return out
 
     pipe.vae.decode = decode
+    pipe.vae.encode = _mean_encoder(pipe.vae.encode, rec)
     scheduler.add_noise = recording_add_noise
     lcm_module.randn_tensor = recording_randn
     try:
@@ -127,5 +159,6 @@ def record(pipe: Any, rec: Recording) -> Iterator[Recording]:
         for h in handles:
             h.remove()
         del pipe.vae.decode
+        del pipe.vae.encode
         del scheduler.add_noise
         lcm_module.randn_tensor = lcm_randn

@@ -27,7 +27,7 @@ import numpy as np
 
 from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.sdxl.samplers import reference_sampler
-from sdxl_ckpt.sdxl.variants import COND_PROJ_KEY
+from sdxl_ckpt.sdxl.variants import COND_PROJ_KEY, MARKERS, VARIANTS, detect_from_configs, detect_variant
 from sdxl_ckpt.sdxl_runtime.sampling.discretization import legacy_ddpm_timesteps
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -77,6 +77,7 @@ class LoadedPipeline:
     refiner: bool
     kind: str  # "folder" | "single_file"
     metadata: dict[str, str]  # the SD file's metadata ({} for a folder)
+    variant: str = "base"  # the row of sdxl.variants the one detector found (it chose the pipeline class)
 
 
 def _weights_variant(component: Path) -> str | None:
@@ -110,10 +111,46 @@ def load_unet(unet_dir: Path) -> Any:
     )
 
 
-def _pipeline_class(refiner: bool) -> Any:
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+def _pipeline_class(variant: str) -> Any:
+    """diffusers' pipeline for a variant, as the variants table names it (refiner: img2img; inpainting...)."""
+    import diffusers
 
-    return StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
+    return getattr(diffusers, VARIANTS[variant].pipeline)
+
+
+def _json_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError("config.json not found", path=path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"not a readable JSON config ({exc.__class__.__name__})", path=path) from None
+    if not isinstance(data, dict):
+        raise InputError("config is not a JSON object", path=path)
+    return data
+
+
+def _folder_variant(folder: Path, unet_dir: Path | None) -> str:
+    """The variant of a diffusers folder (with ``unet_dir`` replacing its UNet), by the one detector."""
+    from sdxl_ckpt.formats.diffusers_folder import read_scheduler_config
+
+    vae = folder / "vae" / "config.json"
+    _structure, found = detect_from_configs(
+        _json_config((unet_dir or folder / "unet") / "config.json"),
+        _json_config(folder / "text_encoder_2" / "config.json"),
+        read_scheduler_config(folder),
+        _json_config(vae) if vae.is_file() else None,
+        path=folder,
+    )
+    return found.variant
+
+
+def _file_variant(
+    refiner: bool, unet: dict[str, Any], shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], src: Path
+) -> str:
+    """The variant of an SD file from its UNet config, marker tensors and metadata, by the one detector."""
+    markers = {name for name in shapes if name in MARKERS}
+    return detect_variant("refiner" if refiner else "base", unet, markers, metadata, path=src).variant
 
 
 def _configs_from(
@@ -217,15 +254,17 @@ def load_pipeline(
     import torch
 
     src = Path(src)
-    unet = load_unet(Path(unet_dir)) if unet_dir is not None else None
+    unet_dir = Path(unet_dir) if unet_dir is not None else None
+    unet = load_unet(unet_dir) if unet_dir is not None else None
     extra = {"unet": unet} if unet is not None else {}
     with quiet_libraries():
         if src.is_dir():
             refiner = _is_refiner_folder(src)
-            pipe = _pipeline_class(refiner).from_pretrained(
+            variant = _folder_variant(src, unet_dir)
+            pipe = _pipeline_class(variant).from_pretrained(
                 src, torch_dtype=torch.float32, local_files_only=True, variant=_weights_variant(src / "unet"), **extra
             )
-            return LoadedPipeline(pipe, refiner, "folder", {})
+            return LoadedPipeline(pipe, refiner, "folder", {}, variant)
         if not src.is_file():
             raise InputError("source not found (expected a diffusers folder or an SD .safetensors file)", path=src)
         from sdxl_ckpt.formats.safetensors_io import read_safetensors
@@ -237,12 +276,18 @@ def load_pipeline(
             refiner, cond_dim = write_config_folder(
                 metadata, Path(tmp), Path(config_dir) if config_dir is not None else None, shapes
             )
-            pipe = _pipeline_class(refiner).from_single_file(
+            if unet_dir is not None:
+                unet_config = _json_config(unet_dir / "config.json")
+            else:  # the file's own UNet config, with the guidance embedding write_config_folder set aside
+                unet_config = _json_config(Path(tmp) / "unet" / "config.json")
+                unet_config |= {"time_cond_proj_dim": cond_dim} if cond_dim is not None else {}
+            variant = _file_variant(refiner, unet_config, shapes, metadata, src)
+            pipe = _pipeline_class(variant).from_single_file(
                 str(src), config=tmp, local_files_only=True, torch_dtype=torch.float32, **extra
             )
         if cond_dim is not None and unet is None:
             attach_cond_proj(pipe, src, int(cond_dim))
-        return LoadedPipeline(pipe, refiner, "single_file", metadata)
+        return LoadedPipeline(pipe, refiner, "single_file", metadata, variant)
 
 
 def load_lora(pipe: Any, lora: str | Path, scale: float) -> dict[str, Any]:

@@ -15,6 +15,18 @@ What the reference does, and how it is aligned with our sampler (also written in
    guidance embedding of w = guidance - 1 and no CFG batch; without it (lcm-sdxl) the pipeline runs classic CFG.
 5. Unconditional branch: as the pipeline decides. Base with no negative prompt: zero embeddings
    (``force_zeros_for_empty_prompt``); with one, or for the refiner: the encoded negative prompt.
+6. Inpainting (9-channel UNet): StableDiffusionXLInpaintPipeline gets the synthetic image (as [0, 1]; it
+   normalises to [-1, 1]) and a synthetic rectangular mask (1 = repaint). It binarises the mask, encodes the
+   masked image ``image * (mask < 0.5)`` with the VAE (posterior MEAN here: the pipeline's own posterior sample is
+   replaced by the mean, see capture.py), scales it, downsamples the mask (nearest) to the latent size and feeds
+   the UNet ``[scale_model_input(x), mask, masked-image latent]``; a 9-channel UNet is never blended with the image.
+   Strength 1 (default) starts from pure noise as txt2img (step 2); below 1 it is img2img on the encoded
+   (unmasked) image, noise recorded.
+7. instruct-pix2pix (8-channel UNet): StableDiffusionXLInstructPix2PixPipeline encodes the image (posterior mean,
+   UNSCALED) and feeds ``[scale_model_input(x), image latent]``; with guidance > 1 and image guidance >= 1 the batch
+   is [text + image, uncond + image, uncond + zero image], combined as
+   ``u + g (text - image) + g_img (image - u)``. It takes no explicit timesteps: the trailing spacing must equal
+   LegacyDDPM's (step counts that divide 1000).
 """
 
 from __future__ import annotations
@@ -34,8 +46,10 @@ from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.formats.atomic import check_output
 from sdxl_ckpt.formats.reference_npz import Reference, save_reference
 from sdxl_ckpt.sdxl.samplers import reference_sampler
+from sdxl_ckpt.sdxl.variants import CONCAT_KINDS
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+DEFAULT_STRENGTH = {"refiner": 0.5, "inpaint": 1.0}  # --strength when not given (only these kinds use it)
 
 
 def _sha256_file(path: Path, h: Any = None) -> str:
@@ -93,6 +107,16 @@ def synthetic_init_image(seed: int, height: int, width: int) -> Any:
     return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
 
 
+def synthetic_mask(height: int, width: int) -> Any:
+    """A deterministic inpainting mask (1, 1, H, W): 1 (repaint) in the rectangle of rows H/4..3H/4, columns
+    W/2..W, 0 elsewhere; lopsided, so a transposed or flipped mask is told apart."""
+    import torch
+
+    mask = torch.zeros((1, 1, height, width), dtype=torch.float32)
+    mask[:, :, height // 4 : (3 * height) // 4, width // 2 :] = 1.0
+    return mask
+
+
 @dataclass
 class _Run:
     """One reference run as it is prepared: the loaded pipeline, its scheduler, the call and the inputs fed."""
@@ -140,16 +164,24 @@ def _load(
 
 
 def _prepare_inputs(
-    run: _Run, prompt: str, negative_prompt: str | None, steps: int, seed: int, guidance: float, strength: float
+    run: _Run,
+    prompt: str,
+    negative_prompt: str | None,
+    steps: int,
+    seed: int,
+    guidance: float,
+    strength: float,
+    image_guidance: float = 1.5,
 ) -> None:
-    """The pipeline call and what it is fed: the seeded noise, and the init image (img2img) or initial latent."""
+    """The pipeline call and what it is fed: the seeded noise, and the init image (img2img) or initial latent;
+    inpainting: the image and mask; instruct-pix2pix: the image and its guidance scale."""
     import torch
 
     from sdxl_ckpt.reference.pipeline import latent_space, sigmas_of
 
-    pipe, scheduler = run.loaded.pipe, run.scheduler
+    pipe, scheduler, variant = run.loaded.pipe, run.scheduler, run.loaded.variant
     scale = pipe.vae_scale_factor
-    latent_shape = (1, pipe.unet.config.in_channels, run.height // scale, run.width // scale)
+    latent_shape = (1, pipe.vae.config.latent_channels, run.height // scale, run.width // scale)
     noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     run.call = {
         "prompt": prompt,
@@ -159,10 +191,29 @@ def _prepare_inputs(
         "generator": torch.Generator().manual_seed(seed),
     }
     if run.explicit_timesteps is not None:
+        if variant == "pix2pix":
+            raise InputError(
+                f"--steps {steps}: the instruct-pix2pix pipeline takes no explicit timesteps and its trailing "
+                "spacing differs from LegacyDDPM's for this count (use a step count that divides 1000)"
+            )
         run.call["timesteps"] = run.explicit_timesteps
     else:
         run.call["num_inference_steps"] = steps
     run.arrays["noise"] = noise.numpy().copy()
+    if variant in CONCAT_KINDS:
+        image01 = synthetic_init_image(seed, run.height, run.width) * 0.5 + 0.5  # [0, 1], as a user passes it
+        run.arrays["init_image"] = (2.0 * image01 - 1.0).numpy().copy()  # diffusers' normalize: what it encodes
+        run.call.update(image=image01, height=run.height, width=run.width)
+        if variant == "inpaint":
+            mask = synthetic_mask(run.height, run.width)
+            run.arrays["inpaint_mask"] = mask.numpy().copy()
+            if not 0.0 < strength <= 1.0:
+                raise InputError(f"--strength must be in (0, 1], got {strength}")
+            run.call.update(mask_image=mask, strength=strength)
+            if strength < 1.0:  # img2img on the encoded image: the pipeline draws and adds the noise (recorded)
+                return
+        else:
+            run.call["image_guidance_scale"] = image_guidance
     if run.loaded.refiner:
         init_image = synthetic_init_image(seed, run.height, run.width)
         with torch.no_grad():
@@ -182,26 +233,46 @@ def _run_recorded(run: _Run) -> Any:
     """Run the pipeline once with the recording hooks; collect what it computed into ``run.arrays``."""
     import torch
 
-    from sdxl_ckpt.reference.capture import Recording, record, step_callback
+    from sdxl_ckpt.reference.capture import Recording, legacy_step_callback, record, step_callback
     from sdxl_ckpt.reference.pipeline import quiet_libraries, sigmas_of
 
-    pipe = run.loaded.pipe
+    pipe, variant = run.loaded.pipe, run.loaded.variant
     rec = Recording()
+    if variant == "pix2pix":  # this pipeline has only the old per-step callback
+        callbacks: dict[str, Any] = {"callback": legacy_step_callback(rec), "callback_steps": 1}
+    else:
+        callbacks = {"callback_on_step_end": step_callback(rec), "callback_on_step_end_tensor_inputs": ["latents"]}
     with quiet_libraries(), record(pipe, rec), torch.no_grad():
-        out = pipe(**run.call, callback_on_step_end=step_callback(rec), callback_on_step_end_tensor_inputs=["latents"])
-    if run.loaded.refiner:
-        run.arrays["noise"] = rec.add_noise["noise"]  # the noise img2img actually added
+        out = pipe(**run.call, **callbacks)
+    if rec.add_noise:  # img2img (refiner, inpainting below strength 1): the noise actually added, and to what
+        run.arrays["noise"] = rec.add_noise["noise"]
+        if variant == "inpaint":
+            run.arrays["init_latent"] = rec.add_noise["init_latent"]
     _collect(run.arrays, rec, run.scheduler, sigmas_of, np.asarray(out.images, dtype=np.float32))
+    _collect_inputs(run.arrays, rec, variant, int(pipe.vae.config.latent_channels))
     return rec
+
+
+def _collect_inputs(arrays: dict[str, np.ndarray], rec: Any, variant: str, latent_channels: int) -> None:
+    """The extra UNet input channels the pipeline fed at its first call (conditional row), and the masked image
+    its VAE encoded: what our side must rebuild from the stored image and mask."""
+    x, c = rec.unet_first["unet_in_x"], latent_channels
+    if variant == "inpaint":
+        arrays["masked_image"] = rec.vae_encode[-1]["image"]  # prepare_mask_latents encodes last
+        arrays["inpaint_mask_latent"] = x[-1:, c : c + 1].copy()
+        arrays["masked_image_latent"] = x[-1:, c + 1 :].copy()
+    elif variant == "pix2pix":
+        arrays["image_latent"] = x[:1, c:].copy()
 
 
 def _metadata(run: _Run, rec: Any, src: Path, unet: Any, settings: dict[str, Any]) -> dict[str, Any]:
     """Settings, schedule, every component config, provenance and the alignment notes stored with the arrays."""
     from sdxl_ckpt.reference.pipeline import latent_space
 
-    pipe, scheduler, refiner = run.loaded.pipe, run.scheduler, run.loaded.refiner
-    cfg = run.arrays["context"].shape[0] == 2
+    pipe, scheduler, refiner, variant = run.loaded.pipe, run.scheduler, run.loaded.refiner, run.loaded.variant
+    cfg = run.arrays["context"].shape[0] > 1
     space = latent_space(scheduler)
+    truncated = refiner or variant == "inpaint"  # the kinds whose schedule strength shortens
     return {
         "variant": _variant(run.loaded, settings["sampler"]),
         "structure": "refiner" if refiner else "base",
@@ -210,10 +281,11 @@ def _metadata(run: _Run, rec: Any, src: Path, unet: Any, settings: dict[str, Any
             "steps_run": len(rec.timesteps),
             "height": run.height,
             "width": run.width,
-            "strength": settings["strength"] if refiner else None,
+            "strength": settings["strength"] if truncated else None,
+            "image_guidance": settings["image_guidance"] if variant == "pix2pix" else None,
             "cfg": cfg,
             "uncond": "none" if not cfg else ("encoded" if len(rec.te2) == 2 else "zeros"),
-            "img2img_start": settings["steps"] - len(rec.timesteps) if refiner else 0,
+            "img2img_start": settings["steps"] - len(rec.timesteps) if truncated else 0,
         },
         "schedule": {
             **{k: dict(scheduler.config)[k] for k in ("beta_start", "beta_end", "num_train_timesteps")},
@@ -248,8 +320,26 @@ def _metadata(run: _Run, rec: Any, src: Path, unet: Any, settings: dict[str, Any
             if not refiner
             else "img2img: init latent = VAE posterior mean * scaling_factor; x = z + sigma_start * recorded noise",
             f"latents stored in the scheduler's space ({space}); VP latents = x / sqrt(1+sigma^2)",
+            *_input_notes(variant),
         ],
     }
+
+
+def _input_notes(variant: str) -> list[str]:
+    """How the extra UNet input channels were made (inpainting, instruct-pix2pix)."""
+    if variant == "inpaint":
+        return [
+            "inpainting: UNet input [scale_model_input(x), mask, masked-image latent]; mask = synthetic rectangle "
+            "(1 = repaint), binarised, nearest-downsampled; masked image = image * (mask < 0.5), VAE posterior "
+            "mean (not a sample) * scaling_factor; no blending (9-channel UNet)"
+        ]
+    if variant == "pix2pix":
+        return [
+            "instruct-pix2pix: UNet input [scale_model_input(x), image latent]; image latent = VAE posterior mean, "
+            "unscaled; CFG batch [text+image, uncond+image, uncond+zeros], "
+            "eps = u + g (text - image) + g_img (image - u)"
+        ]
+    return []
 
 
 def make_reference(
@@ -263,23 +353,27 @@ def make_reference(
     seed: int = 0,
     guidance: float = 5.0,
     sampler: str = "euler",
-    strength: float = 0.5,
+    strength: float | None = None,
     unet: str | os.PathLike | None = None,
     config_dir: str | os.PathLike | None = None,
     lora: str | os.PathLike | None = None,
     lora_scale: float = 1.0,
+    image_guidance: float = 1.5,
 ) -> Reference:
     """Run the pipeline with recording hooks and return the reference (arrays + metadata), in memory.
 
     The steps: load the pipeline with our sampler's scheduler, prepare its inputs from the seed, run it once
     with the hooks, then store what it computed together with everything needed to repeat it.
+    ``strength`` None: the variant's default (refiner 0.5, inpainting 1.0 = from pure noise).
     """
     from sdxl_ckpt.reference.pipeline import require_torch
 
     require_torch()
     src, sampler = Path(src), reference_sampler(sampler)
     run = _load(src, unet, config_dir, sampler, steps, height, width, lora, lora_scale)
-    _prepare_inputs(run, prompt, negative_prompt, steps, seed, guidance, strength)
+    if strength is None:
+        strength = DEFAULT_STRENGTH.get(run.loaded.variant, 0.5)
+    _prepare_inputs(run, prompt, negative_prompt, steps, seed, guidance, strength, image_guidance)
     rec = _run_recorded(run)
     settings = {
         "prompt": prompt,
@@ -289,12 +383,16 @@ def make_reference(
         "guidance": guidance,
         "sampler": sampler,
         "strength": strength,
+        "image_guidance": image_guidance,
     }
     return Reference(run.arrays, _metadata(run, rec, src, unet, settings))
 
 
 def _variant(loaded: Any, sampler: str) -> str:
-    """base | refiner | lcm: the SD file's own label when it has one, else the structure (lcm when sampled so)."""
+    """inpaint | pix2pix as detected; else base | refiner | lcm: the SD file's own label when it has one, else the
+    structure (lcm when sampled so)."""
+    if loaded.variant in CONCAT_KINDS:
+        return loaded.variant
     label = loaded.metadata.get("sdxl_ckpt.variant")
     if label in ("base", "refiner", "lcm"):
         return label

@@ -161,6 +161,9 @@ VARIANTS: dict[str, Variant] = {
 VARIANT_NAMES = tuple(VARIANTS)
 # the kinds whose official configs, generated keymaps and runtime samplers exist (the others convert by structure)
 MODEL_KINDS = ("base", "refiner", "lcm")
+# the kinds whose UNet takes extra input channels beside the latent (inpainting's mask + masked-image latent,
+# instruct-pix2pix's image latent): their configs say the width, the sampler feeds the extra channels
+CONCAT_KINDS = tuple(v.name for v in VARIANTS.values() if v.in_channels != 4)
 # the distilled UNets named by their down-path transformer depths, one entry per down layer
 DEPTH_PATTERNS: dict[tuple[int, ...], str] = {(0, 0, 2, 2, 4, 4): "ssd-1b", (0, 0, 1, 1, 2, 2): "vega"}
 SDXL_BASE_DEPTHS = (0, 0, 2, 2, 10, 10)

@@ -17,10 +17,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sdxl_ckpt.errors import InputError
-from sdxl_ckpt.sdxl.variants import MODEL_KINDS
+from sdxl_ckpt.sdxl.variants import CONCAT_KINDS, MODEL_KINDS
+from sdxl_ckpt.sdxl.variants import VARIANTS as VARIANT_TABLE
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-VARIANTS = MODEL_KINDS  # the kinds the runtime samples
+VARIANTS = MODEL_KINDS + CONCAT_KINDS  # the kinds the runtime samples (extra input channels: from the UNet config)
 METADATA_PREFIX = "sdxl_ckpt.config."
 
 
@@ -335,8 +336,10 @@ def preset(variant: str) -> SDXLConfig:
 
     if variant not in VARIANTS:
         raise InputError(f"unknown variant {variant!r} (expected one of {', '.join(VARIANTS)})")
+    configs = full_configs(variant)
+    configs["unet"]["in_channels"] = VARIANT_TABLE[variant].in_channels  # inpainting 9, instruct-pix2pix 8
     return from_diffusers_configs(
-        **{c: v for c, v in full_configs(variant).items()} | ({"text_encoder": None} if variant == "refiner" else {}),
+        **configs | ({"text_encoder": None} if variant == "refiner" else {}),
         variant=variant,
     )
 

@@ -2,9 +2,10 @@
 
 No torch here. The network is built from the component configs stored in the reference, the checkpoint is loaded
 with the runtime's strict loader, and the MindSpore side gets only what a user of the ckpt would have: token ids,
-size/crop scalars, the initial noise (and, for img2img, the init image; for LCM the between-step noise). Every
-later stage is computed from OUR earlier results, except ``unet.first``, which feeds the reference's own UNet
-inputs so a UNet fault is told apart from a conditioning fault.
+size/crop scalars, the initial noise (and, for img2img, the init image; for LCM the between-step noise; for
+inpainting the image and mask, for instruct-pix2pix the image, from which OUR VAE encoder makes the extra UNet
+input channels). Every later stage is computed from OUR earlier results, except ``unet.first``, which feeds the
+reference's own UNet inputs so a UNet fault is told apart from a conditioning fault.
 
 The stage table (``STAGES``) is data: name, which reference array, how the MindSpore side computes it.
 """
@@ -27,6 +28,7 @@ import numpy as np
 from sdxl_ckpt.errors import InputError, KeyMismatchError
 from sdxl_ckpt.formats.reference_npz import Reference
 from sdxl_ckpt.sdxl.samplers import REFERENCE_SAMPLERS, reference_sampler
+from sdxl_ckpt.sdxl.variants import CONCAT_KINDS
 from sdxl_ckpt.sdxl_runtime.sampling import (
     SAMPLERS,
     DiscreteDenoiser,
@@ -71,8 +73,20 @@ class Session:
         return self.rt.config.is_refiner
 
     @property
+    def variant(self) -> str | None:
+        return self.ref.meta.get("variant")
+
+    @property
+    def img2img(self) -> bool:
+        """The run starts from an encoded image at a truncated schedule (refiner; inpainting below strength 1)."""
+        return self.refiner or (self.variant == "inpaint" and self.s["strength"] < 1.0)
+
+    @property
     def cfg(self) -> bool:
-        """diffusers' rule: classic CFG when guidance > 1 and the UNet has no guidance embedding."""
+        """diffusers' rule: classic CFG when guidance > 1 and the UNet has no guidance embedding;
+        instruct-pix2pix: guidance > 1 and image guidance >= 1."""
+        if self.variant == "pix2pix":
+            return self.s["guidance"] > 1 and self.s["image_guidance"] >= 1
         return self.s["guidance"] > 1 and self.rt.config.unet.time_cond_proj_dim is None
 
     def branches(self) -> list[str]:
@@ -80,8 +94,11 @@ class Session:
         return ["cond", "uncond"] if self.cfg and self.s["uncond"] == "encoded" else ["cond"]
 
     def unet_branches(self) -> list[str]:
-        """Branches of the UNet batch, in the pipeline's order [uncond, cond]."""
-        return ["uncond", "cond"] if self.cfg else ["cond"]
+        """Text branches of the UNet batch, in the pipeline's order: [uncond, cond]; instruct-pix2pix
+        [cond, uncond, uncond] (text + image, image only, neither)."""
+        if not self.cfg:
+            return ["cond"]
+        return ["cond", "uncond", "uncond"] if self.variant == "pix2pix" else ["uncond", "cond"]
 
     @cached_property
     def schedule(self) -> Schedule:
@@ -89,7 +106,7 @@ class Session:
         disc = LegacyDDPMDiscretization(sched["beta_start"], sched["beta_end"], sched["num_train_timesteps"])
         n = self.s["steps"]
         timesteps = lcm_timesteps(n) if self.s["sampler"] == "lcm" else disc.timesteps(n)
-        timesteps = timesteps[img2img_start(n, self.s["strength"]) if self.refiner else 0 :]
+        timesteps = timesteps[img2img_start(n, self.s["strength"]) if self.img2img else 0 :]
         ref_timesteps = self.ref["timesteps"].tolist()
         note = (
             ""
@@ -109,8 +126,9 @@ class Session:
     @cached_property
     def conditioning(self) -> dict[str, dict[str, np.ndarray]]:
         """context and y per UNet branch; the unconditional branch is zeros when the pipeline zeroed it."""
-        time_ids = self.ref["time_ids"]  # [B, 6 | 5] rows in batch order [uncond, cond]
-        rows = {"uncond": time_ids[0:1], "cond": time_ids[-1:]}
+        time_ids = self.ref["time_ids"]  # [B, 6 | 5] rows in the UNet batch's order
+        order = self.unet_branches()
+        rows = {b: time_ids[order.index(b) : order.index(b) + 1] for b in order}
         result = {}
         for b in self.unet_branches():
             te = self.text.get(b)
@@ -135,18 +153,44 @@ class Session:
         return self.rt.encode(self.ref["init_image"]) * np.float32(self.rt.config.vae.scaling_factor)
 
     @cached_property
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The extra UNet input channels, made from the stored image (and mask) with OUR VAE encoder, by diffusers'
+        rules: inpainting binarises the mask, downsamples it (nearest) to the latent size and encodes
+        ``image * (mask < 0.5)`` (scaled); instruct-pix2pix encodes the image (unscaled). ``concat`` joins them."""
+        image = self.ref["init_image"]
+        if self.variant == "inpaint":
+            mask = (self.ref["inpaint_mask"] >= 0.5).astype(np.float32)
+            h, w = self.ref["noise"].shape[-2:]
+            fh, fw = mask.shape[-2] // h, mask.shape[-1] // w  # nearest: the pixel at (fh * i, fw * j)
+            mask_latent = np.ascontiguousarray(mask[:, :, ::fh, ::fw])
+            masked = (image * (mask < 0.5)).astype(np.float32)
+            latent = self.rt.encode(masked) * np.float32(self.rt.config.vae.scaling_factor)
+            return {
+                "mask": mask_latent,
+                "latent": latent,
+                "concat": np.concatenate([mask_latent, latent], axis=1),
+            }
+        latent = self.rt.encode(image)
+        return {"latent": latent, "concat": latent}
+
+    @cached_property
     def states(self) -> list[np.ndarray]:
         """Our sampler from the reference's noise with our conditioning: the sample after every step."""
         sigmas, noise, conds = self.schedule.sigmas, self.ref["noise"], self.conditioning
+        if self.variant in CONCAT_KINDS:  # every branch's UNet input gets the extra channels (sgm's "concat")
+            conds = {b: {**c, "concat": self.inputs["concat"]} for b, c in conds.items()}
 
         def network(x: np.ndarray, t: np.ndarray, cond: dict[str, np.ndarray]) -> np.ndarray:
+            if "concat" in cond:  # joined AFTER the input scaling, as diffusers joins it to scale_model_input's
+                x = np.concatenate([x, cond["concat"].astype(x.dtype)], axis=1)
             return self.rt.unet(x, t, cond["context"], cond["y"], cond.get("w_cond"))
 
-        guider = make_guider(self.s["guidance"], self.cfg)
+        image_scale = self.s["image_guidance"] if self.variant == "pix2pix" else None
+        guider = make_guider(self.s["guidance"], self.cfg, image_scale)
         denoise = make_denoise(
             network, DiscreteDenoiser(self.schedule.disc.table), guider, conds["cond"], conds.get("uncond")
         )
-        x = img2img_sample(self.init_latent, noise, float(sigmas[0])) if self.refiner else initial_sample(noise, sigmas)
+        x = img2img_sample(self.init_latent, noise, float(sigmas[0])) if self.img2img else initial_sample(noise, sigmas)
         states: list[np.ndarray] = []
         extra: dict[str, Any] = {}
         if self.s["sampler"] == "lcm":
@@ -222,6 +266,8 @@ STAGE_NAMES = (
     "y",
     "guidance_embedding",
     "vae_encode",
+    "vae_encode.init",
+    "inpaint_mask",
     "unet.first",
     "vae.decode",
     "final_latent",
@@ -274,6 +320,7 @@ def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
         )
     if refiner:
         table.append(Stage("vae_encode", "init_latent", get("init_latent"), lambda ss: ss.init_latent))
+    table += _input_stages(ref)
     table.append(Stage("unet.first", "unet_out", get("unet_out"), _unet_first))
     table.append(Stage("vae.decode", "decoded", get("decoded"), _decode_ref))
     n = len(ref["timesteps"])
@@ -286,6 +333,24 @@ def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
         Stage("image", "image", get("image"), _image, image=True),
     ]
     return table
+
+
+def _input_stages(ref: Reference) -> list[Stage]:
+    """The extra UNet inputs: inpainting's latent-size mask and masked-image latent (and, below strength 1, the
+    encoded init image); instruct-pix2pix's image latent."""
+    get = lambda key: lambda ss: ss.ref[key]  # noqa: E731
+    variant = ref.meta.get("variant")
+    if variant == "inpaint":
+        table = [
+            Stage("inpaint_mask", "inpaint_mask_latent", get("inpaint_mask_latent"), lambda ss: ss.inputs["mask"]),
+            Stage("vae_encode", "masked_image_latent", get("masked_image_latent"), lambda ss: ss.inputs["latent"]),
+        ]
+        if "init_latent" in ref:
+            table.append(Stage("vae_encode.init", "init_latent", get("init_latent"), lambda ss: ss.init_latent))
+        return table
+    if variant == "pix2pix":
+        return [Stage("vae_encode", "image_latent", get("image_latent"), lambda ss: ss.inputs["latent"])]
+    return []
 
 
 # --- the command ------------------------------------------------------------------------------------------------

@@ -13,7 +13,13 @@ from sdxl_ckpt.sdxl_runtime.sampling.discretization import (
     lcm_timesteps,
     legacy_ddpm_timesteps,
 )
-from sdxl_ckpt.sdxl_runtime.sampling.guider import IdentityGuider, VanillaCFG, make_guider
+from sdxl_ckpt.sdxl_runtime.sampling.guider import (
+    IdentityGuider,
+    ImageTextCFG,
+    VanillaCFG,
+    make_guider,
+    pix2pix_guidance,
+)
 from sdxl_ckpt.sdxl_runtime.sampling.samplers import (
     SAMPLERS,
     ancestral_step,
@@ -32,6 +38,7 @@ __all__ = [
     "DiscreteDenoiser",
     "EDMDiscretization",
     "IdentityGuider",
+    "ImageTextCFG",
     "LegacyDDPMDiscretization",
     "VanillaCFG",
     "ancestral_step",
@@ -44,6 +51,7 @@ __all__ = [
     "legacy_ddpm_timesteps",
     "make_denoise",
     "make_guider",
+    "pix2pix_guidance",
     "sample_dpmpp_2m",
     "sample_euler",
     "sample_euler_ancestral",

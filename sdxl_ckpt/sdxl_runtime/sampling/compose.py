@@ -7,14 +7,14 @@ from typing import Any
 import numpy as np
 
 from sdxl_ckpt.sdxl_runtime.sampling.denoiser import DiscreteDenoiser, Network
-from sdxl_ckpt.sdxl_runtime.sampling.guider import IdentityGuider, VanillaCFG
+from sdxl_ckpt.sdxl_runtime.sampling.guider import IdentityGuider, ImageTextCFG, VanillaCFG
 from sdxl_ckpt.sdxl_runtime.sampling.samplers import Denoise
 
 
 def make_denoise(
     network: Network,
     denoiser: DiscreteDenoiser,
-    guider: IdentityGuider | VanillaCFG,
+    guider: IdentityGuider | VanillaCFG | ImageTextCFG,
     cond: dict[str, Any],
     uc: dict[str, Any] | None = None,
 ) -> Denoise:
