@@ -36,11 +36,11 @@ def _check_source(src: str, command: str, settings: dict[str, Any]) -> None:
 def _check_same_model(ckpt: str, ref: Any) -> None:
     """A base ckpt against a refiner reference (or the reverse) is one short line, not thousands of key names."""
     from sdxl_ckpt.manage.sources import open_checkpoint
+    from sdxl_ckpt.sdxl.variants import VARIANTS
 
-    structure = {"base": "base", "lcm": "base", "refiner": "refiner"}
     ours = open_checkpoint(ckpt).variant
     theirs = str(ref.meta.get("variant"))
-    if structure.get(ours, ours) != structure.get(theirs, theirs) and ours in structure and theirs in structure:
+    if ours in VARIANTS and theirs in VARIANTS and VARIANTS[ours].structure != VARIANTS[theirs].structure:
         raise InputError(
             f"this {ours} checkpoint does not fit the {theirs} model the reference was made with; "
             f"verify it against a reference of its own source",
