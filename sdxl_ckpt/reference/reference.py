@@ -179,7 +179,10 @@ def _prepare_inputs(
         first_t = scheduler.timesteps[0] if run.explicit_timesteps is None else run.explicit_timesteps[0]
         s0 = float(sigmas_of(scheduler, [first_t])[0])
         start = noise * math.sqrt(1.0 + s0 * s0) if latent_space(scheduler) == "ve" else noise
-        run.call.update(latents=start / scheduler.init_noise_sigma, height=run.height, width=run.width)
+        # divided in float64, so the pipeline's float32 product with init_noise_sigma gives back ``start`` exactly
+        # (at sigma ~4096, zero terminal SNR, one float32 ulp of the start is visible after the first step)
+        latents = (start.double() / float(scheduler.init_noise_sigma)).float()
+        run.call.update(latents=latents, height=run.height, width=run.width)
 
 
 def _run_recorded(run: _Run) -> Any:
