@@ -11,7 +11,6 @@ from sdxl_ckpt.formats.atomic import check_output
 from sdxl_ckpt.formats.sniff import expect, sniff
 from sdxl_ckpt.report import render_table, write_json
 from sdxl_ckpt.sdxl.components import partial_of
-from sdxl_ckpt.sdxl.variants import CONCAT_KINDS, MODEL_KINDS
 
 SOURCE_KINDS = ("folder", "sd")
 SOURCE_WANTS = "a diffusers folder or an SD safetensors file"
@@ -38,12 +37,14 @@ def _check_same_model(ckpt: str, ref: Any) -> None:
     """A base ckpt against a refiner reference (or the reverse, or an inpainting / instruct-pix2pix ckpt against
     another kind's reference) is one short line, not thousands of key names."""
     from sdxl_ckpt.manage.sources import open_checkpoint
+    from sdxl_ckpt.sdxl.variants import VARIANTS
 
-    # the kinds whose keys or shapes differ (an LCM UNet has the base's); the other rows are left to the loader
-    structure = {name: "base" if name == "lcm" else name for name in (*MODEL_KINDS, *CONCAT_KINDS)}
     ours = open_checkpoint(ckpt).variant
     theirs = str(ref.meta.get("variant"))
-    if structure.get(ours, ours) != structure.get(theirs, theirs) and ours in structure and theirs in structure:
+    # the key structure, or the UNet's input channels (inpainting, instruct-pix2pix): the other rows are left to
+    # the loader and the stages
+    kind = lambda name: (VARIANTS[name].structure, VARIANTS[name].in_channels)  # noqa: E731
+    if ours in VARIANTS and theirs in VARIANTS and kind(ours) != kind(theirs):
         raise InputError(
             f"this {ours} checkpoint does not fit the {theirs} model the reference was made with; "
             f"verify it against a reference of its own source",

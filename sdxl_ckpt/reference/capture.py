@@ -31,6 +31,15 @@ class Recording:
     add_noise: dict[str, np.ndarray] = field(default_factory=dict)
     decoded: np.ndarray | None = None
     vae_encode: list[dict[str, np.ndarray]] = field(default_factory=list)  # per call: image, posterior mean
+    continuous: bool = False  # EDM: the timesteps are c_noise floats, not training-timestep indices
+
+
+def _timesteps(timestep: Any, batch: int, continuous: bool) -> np.ndarray:
+    """The UNet's timestep per batch row: float32 c_noise (EDM) or the int64 training timestep."""
+    value = float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else float(timestep)
+    if continuous:
+        return np.full((batch,), value, dtype=np.float32)
+    return np.full((batch,), int(value), dtype=np.int64)
 
 
 def _text_hook(store: list[dict[str, np.ndarray]], pooled: bool):
@@ -54,7 +63,7 @@ def _unet_hook(rec: Recording):
         added = kwargs.get("added_cond_kwargs") or {}
         first = {
             "unet_in_x": _np(sample),
-            "unet_in_t": np.full((sample.shape[0],), int(timestep), dtype=np.int64),
+            "unet_in_t": _timesteps(timestep, sample.shape[0], rec.continuous),
             "unet_in_context": _np(kwargs["encoder_hidden_states"]),
             "time_ids": _np(added["time_ids"]),
             "pooled": _np(added["text_embeds"]),
@@ -80,7 +89,7 @@ def step_callback(rec: Recording):
 
     def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         rec.latents.append(_np(kwargs["latents"]))
-        rec.timesteps.append(int(t))
+        rec.timesteps.append(float(t) if rec.continuous else int(t))
         return kwargs
 
     return callback
@@ -121,6 +130,9 @@ def record(pipe: Any, rec: Recording) -> Iterator[Recording]:
     """
     import diffusers.schedulers.scheduling_lcm as lcm_module
 
+    from sdxl_ckpt.reference.pipeline import is_edm
+
+    rec.continuous = is_edm(pipe.scheduler)
     handles = []
     if getattr(pipe, "text_encoder", None) is not None:
         handles.append(pipe.text_encoder.register_forward_hook(_text_hook(rec.te1, False), with_kwargs=True))

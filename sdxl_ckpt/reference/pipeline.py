@@ -19,7 +19,7 @@ import logging
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,22 @@ class LoadedPipeline:
     kind: str  # "folder" | "single_file"
     metadata: dict[str, str]  # the SD file's metadata ({} for a folder)
     variant: str = "base"  # the row of sdxl.variants the one detector found (it chose the pipeline class)
+    # the model's own scheduler_config.json: the pipeline instantiates model_index's scheduler class from it,
+    # which for an EDM model (a folder saying EulerDiscreteScheduler) loses what the config says
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_scheduler(folder: Path, pipe: Any) -> dict[str, Any]:
+    """``folder/scheduler/scheduler_config.json`` as written (its ``_class_name`` included), else the pipeline's."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise InputError("scheduler config is not valid JSON", path=path) from None
+        if isinstance(config, dict):
+            return config
+    return {**dict(pipe.scheduler.config), "_class_name": type(pipe.scheduler).__name__}
 
 
 def _weights_variant(component: Path) -> str | None:
@@ -180,8 +196,42 @@ def _configs_from(
     return configs
 
 
+def _variant_scheduler(
+    metadata: dict[str, str], shapes: dict[str, tuple[int, ...]] | None, markers: dict[str, list[float]]
+) -> dict[str, Any]:
+    """The scheduler config of the SD file's variant (its marker tensors: v-prediction, zero terminal SNR, EDM):
+    what diffusers' pipeline of this model would have; SDXL's own when the file has no markers."""
+    from sdxl_ckpt.sdxl.architecture import infer_architecture
+    from sdxl_ckpt.sdxl.configs import SCHEDULER_CONFIG
+    from sdxl_ckpt.sdxl.variants import scheduler_for
+
+    if not markers or shapes is None:
+        return dict(SCHEDULER_CONFIG)
+    arch = infer_architecture(shapes, metadata)
+    values = {k: v[0] for k, v in markers.items() if v}
+    return scheduler_for(arch.variant, SCHEDULER_CONFIG, arch.markers, values)
+
+
+def _carry_latent_markers(configs: dict[str, str | None], markers: dict[str, list[float]]) -> None:
+    """Playground's per-channel latent statistics (``edm_mean`` / ``edm_std``) into the VAE config when it lacks
+    them (a community file's config is inferred from the shapes): diffusers reads them from there."""
+    from sdxl_ckpt.sdxl.variants import LATENT_MARKERS
+
+    if configs.get("vae") is None or not all(name in markers for name in LATENT_MARKERS):
+        return
+    vae = json.loads(configs["vae"])
+    for name, key in LATENT_MARKERS.items():
+        if vae.get(key) is None:
+            vae[key] = markers[name]
+    configs["vae"] = json.dumps(vae)
+
+
 def write_config_folder(
-    metadata: dict[str, str], out: Path, config_dir: Path | None, shapes: dict[str, tuple[int, ...]] | None = None
+    metadata: dict[str, str],
+    out: Path,
+    config_dir: Path | None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    markers: dict[str, list[float]] | None = None,
 ) -> tuple[bool, int | None]:
     """A diffusers config folder (model_index, component configs, scheduler, tokenizers) for from_single_file.
 
@@ -193,10 +243,11 @@ def write_config_folder(
     """
     import shutil
 
-    from sdxl_ckpt.sdxl.configs import SCHEDULER_CONFIG, model_index
+    from sdxl_ckpt.sdxl.configs import model_index
     from sdxl_ckpt.sdxl.tokenizers import BYTE_LEVEL_VOCAB_SIZE, write_tokenizers
 
     configs = _configs_from(metadata, config_dir, shapes)
+    _carry_latent_markers(configs, markers or {})
     refiner = configs["text_encoder"] is None
     unet = json.loads(configs["unet"])
     cond_dim = unet.pop("time_cond_proj_dim", None)
@@ -209,7 +260,9 @@ def write_config_folder(
     (out / "scheduler").mkdir()
     scheduler = config_dir / "scheduler" / "scheduler_config.json" if config_dir is not None else None
     (out / "scheduler" / "scheduler_config.json").write_text(
-        scheduler.read_text() if scheduler is not None and scheduler.is_file() else json.dumps(SCHEDULER_CONFIG)
+        scheduler.read_text()
+        if scheduler is not None and scheduler.is_file()
+        else json.dumps(_variant_scheduler(metadata, shapes, markers or {}))
     )
     names = ("tokenizer_2",) if refiner else ("tokenizer", "tokenizer_2")
     if config_dir is not None and all((config_dir / n).is_dir() for n in names):
@@ -264,7 +317,7 @@ def load_pipeline(
             pipe = _pipeline_class(variant).from_pretrained(
                 src, torch_dtype=torch.float32, local_files_only=True, variant=_weights_variant(src / "unet"), **extra
             )
-            return LoadedPipeline(pipe, refiner, "folder", {}, variant)
+            return LoadedPipeline(pipe, refiner, "folder", {}, variant, _read_scheduler(src, pipe))
         if not src.is_file():
             raise InputError("source not found (expected a diffusers folder or an SD .safetensors file)", path=src)
         from sdxl_ckpt.formats.safetensors_io import read_safetensors
@@ -272,9 +325,12 @@ def load_pipeline(
         source = read_safetensors(src)
         metadata = dict(source.metadata or {})
         shapes = {e.name: e.shape for e in source.entries}
+        from sdxl_ckpt.sdxl.variants import marker_values
+
+        markers = marker_values(source.entries)
         with tempfile.TemporaryDirectory(prefix="sdxl-ckpt-config-") as tmp:
             refiner, cond_dim = write_config_folder(
-                metadata, Path(tmp), Path(config_dir) if config_dir is not None else None, shapes
+                metadata, Path(tmp), Path(config_dir) if config_dir is not None else None, shapes, markers
             )
             if unet_dir is not None:
                 unet_config = _json_config(unet_dir / "config.json")
@@ -285,9 +341,10 @@ def load_pipeline(
             pipe = _pipeline_class(variant).from_single_file(
                 str(src), config=tmp, local_files_only=True, torch_dtype=torch.float32, **extra
             )
+            scheduler = _read_scheduler(Path(tmp), pipe)
         if cond_dim is not None and unet is None:
             attach_cond_proj(pipe, src, int(cond_dim))
-        return LoadedPipeline(pipe, refiner, "single_file", metadata, variant)
+        return LoadedPipeline(pipe, refiner, "single_file", metadata, variant, scheduler)
 
 
 def load_lora(pipe: Any, lora: str | Path, scale: float) -> dict[str, Any]:
@@ -307,33 +364,90 @@ def load_lora(pipe: Any, lora: str | Path, scale: float) -> dict[str, Any]:
 
 # --- the scheduler, configured to our sampler ---------------------------------------------------------------------
 
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def is_edm(scheduler: Any) -> bool:
+    """An EDM scheduler: continuous sigmas, the UNet's timestep is ``c_noise`` (``precondition_noise``)."""
+    return type(scheduler).__name__ in EDM_SCHEDULERS
+
 
 def check_training_schedule(config: dict[str, Any]) -> dict[str, Any]:
-    """The DDPM schedule both sides rebuild: SDXL's scaled-linear betas, eps prediction; anything else is refused."""
+    """The training schedule both sides rebuild, from the pipeline's scheduler config; anything else is refused.
+
+    ``kind`` ddpm: SDXL's scaled-linear betas (optionally rescaled to zero terminal SNR); edm: Karras sigmas
+    between sigma_min and sigma_max with ``rho`` and ``sigma_data``. Prediction: epsilon or v_prediction.
+    """
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise InputError(f"prediction_type {prediction!r} is not supported ({', '.join(PREDICTION_TYPES)})")
+    if str(config.get("_class_name", "")) in EDM_SCHEDULERS:
+        if config.get("sigma_schedule", "karras") != "karras":
+            raise InputError(f"EDM sigma_schedule {config.get('sigma_schedule')!r} is not supported (karras)")
+        return {
+            "kind": "edm",
+            "prediction_type": prediction,
+            **{k: float(config[k]) for k in ("sigma_min", "sigma_max", "sigma_data", "rho")},
+            "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+        }
     if config.get("beta_schedule") != "scaled_linear" or config.get("trained_betas") is not None:
         raise InputError(f"scheduler beta_schedule {config.get('beta_schedule')!r} is not supported (scaled_linear)")
-    if config.get("prediction_type", "epsilon") != "epsilon":
-        raise InputError(f"prediction_type {config.get('prediction_type')!r} is not supported (epsilon)")
-    if config.get("rescale_betas_zero_snr"):
-        raise InputError("rescale_betas_zero_snr is not supported")
     return {
+        "kind": "ddpm",
+        "prediction_type": prediction,
+        "rescale_betas_zero_snr": bool(config.get("rescale_betas_zero_snr", False)),
+        "beta_schedule": "scaled_linear",
         "beta_start": float(config["beta_start"]),
         "beta_end": float(config["beta_end"]),
         "num_train_timesteps": int(config["num_train_timesteps"]),
     }
 
 
-def configure_scheduler(pipe: Any, sampler: str, steps: int) -> tuple[Any, list[int] | None, str]:
-    """Replace the pipeline's scheduler with the one matching ``sampler``.
+def _edm_scheduler(sampler: str, train: dict[str, Any]) -> Any:
+    """diffusers' EDM scheduler matching ``sampler``: EDMEuler (our euler), EDMDPMSolverMultistep (our dpmpp_2m)."""
+    from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+    common = {
+        k: train[k] for k in ("sigma_min", "sigma_max", "sigma_data", "rho", "prediction_type", "num_train_timesteps")
+    }
+    if sampler == "euler":
+        return EDMEulerScheduler(**common, sigma_schedule="karras", final_sigmas_type="zero")
+    if sampler == "dpmpp_2m":
+        return EDMDPMSolverMultistepScheduler(
+            **common,
+            sigma_schedule="karras",
+            solver_order=2,
+            algorithm_type="dpmsolver++",
+            solver_type="midpoint",
+            lower_order_final=True,
+            euler_at_final=False,
+            final_sigmas_type="zero",
+            thresholding=False,
+        )
+    raise InputError(f"sampler {sampler} has no reference on an EDM schedule (choose euler or dpmpp_2m)")
+
+
+def configure_scheduler(
+    pipe: Any, sampler: str, steps: int, model_scheduler: dict[str, Any] | None = None
+) -> tuple[Any, list[int] | None, str]:
+    """Replace the pipeline's scheduler with the one matching ``sampler`` on the model's training schedule
+    (``model_scheduler``: the model's own scheduler config; default: the pipeline's scheduler).
 
     Returns (scheduler, explicit timesteps or None, a sentence saying how the schedules were aligned).
     """
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 
     sampler = reference_sampler(sampler)
-    base = dict(pipe.scheduler.config)
+    base = model_scheduler or {**dict(pipe.scheduler.config), "_class_name": type(pipe.scheduler).__name__}
     train = check_training_schedule(base)
-    common = {"beta_schedule": "scaled_linear", "prediction_type": "epsilon", "trained_betas": None, **train}
+    if train["kind"] == "edm":
+        scheduler = _edm_scheduler(sampler, train)
+        pipe.scheduler = scheduler
+        return scheduler, None, f"{type(scheduler).__name__}: Karras sigmas (rho {train['rho']:g}), EDMDiscretization"
+    common = {"trained_betas": None, **{k: v for k, v in train.items() if k != "kind"}}
+    if train["rescale_betas_zero_snr"] and sampler == "lcm":
+        raise InputError("the lcm sampler has no reference on a zero-terminal-SNR schedule (choose euler or dpmpp_2m)")
     if sampler == "lcm":
         scheduler = LCMScheduler.from_config(
             base, **common, original_inference_steps=50, timestep_scaling=10.0, clip_sample=False, thresholding=False
@@ -380,17 +494,29 @@ def configure_scheduler(pipe: Any, sampler: str, steps: int) -> tuple[Any, list[
     return scheduler, ours, "LegacyDDPM timesteps passed explicitly (trailing spacing differs for this step count)"
 
 
+def recorded_schedule(scheduler: Any) -> dict[str, Any]:
+    """What the scheduler that ran was (kind, prediction, constants), for the reference metadata."""
+    return check_training_schedule({**dict(scheduler.config), "_class_name": type(scheduler).__name__})
+
+
 def latent_space(scheduler: Any) -> str:
-    """ "ve" when the scheduler's latents are ``x0 + sigma eps`` (Euler), "vp" when DDPM-scaled (DPM-Solver, LCM)."""
+    """ "ve" when the scheduler's latents are ``x0 + sigma eps`` (Euler, the EDM schedulers), "vp" when
+    DDPM-scaled (DPM-Solver, LCM)."""
     from diffusers import EulerDiscreteScheduler
 
-    return "ve" if isinstance(scheduler, EulerDiscreteScheduler) else "vp"
+    return "ve" if isinstance(scheduler, EulerDiscreteScheduler) or is_edm(scheduler) else "vp"
 
 
-def sigmas_of(scheduler: Any, timesteps: list[int]) -> np.ndarray:
-    """sigma_t = sqrt((1 - abar_t) / abar_t) of the scheduler's own (float32) abar at the steps run, then 0."""
+def sigmas_of(scheduler: Any, timesteps: list[Any]) -> np.ndarray:
+    """The sigmas of the steps run, then 0: DDPM: sigma_t = sqrt((1 - abar_t) / abar_t) of the scheduler's own
+    (float32) abar; EDM: the scheduler's own sigmas at those timesteps (its c_noise values)."""
     import torch
 
-    abar = scheduler.alphas_cumprod[torch.tensor(timesteps, dtype=torch.long)]
+    if is_edm(scheduler):
+        grid = scheduler.timesteps.numpy().astype(np.float64)
+        picks = [int(np.abs(grid - float(t)).argmin()) for t in timesteps]
+        sigmas = scheduler.sigmas.numpy().astype(np.float32)[picks]
+        return np.concatenate([sigmas, np.zeros(1, np.float32)])
+    abar = scheduler.alphas_cumprod[torch.tensor([int(t) for t in timesteps], dtype=torch.long)]
     sigmas = ((1 - abar) / abar) ** 0.5
     return np.concatenate([sigmas.numpy().astype(np.float32), np.zeros(1, np.float32)])

@@ -128,6 +128,7 @@ class _Run:
     height: int
     width: int
     lora: dict[str, Any] | None = None  # what ``load_lora`` applied, for the metadata
+    original_scheduler: dict[str, Any] = field(default_factory=dict)  # the model's own scheduler config
     call: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -153,14 +154,17 @@ def _load(
     pipe = loaded.pipe
     lora_meta = load_lora(pipe, lora, lora_scale) if lora is not None else None
     pipe.set_progress_bar_config(disable=True)
+    original = loaded.scheduler_config
     with quiet_libraries():
-        scheduler, explicit_timesteps, schedule_note = configure_scheduler(pipe, sampler, steps)
+        scheduler, explicit_timesteps, schedule_note = configure_scheduler(pipe, sampler, steps, original)
     scale = pipe.vae_scale_factor
     native = pipe.unet.config.sample_size * scale  # the img2img pipeline has no default_sample_size
     height, width = height or native, width or native
     if height % scale or width % scale:
         raise InputError(f"--height and --width must be multiples of {scale}, got {height}x{width}")
-    return _Run(loaded, scheduler, explicit_timesteps, schedule_note, height, width, lora_meta)
+    return _Run(
+        loaded, scheduler, explicit_timesteps, schedule_note, height, width, lora_meta, original_scheduler=original
+    )
 
 
 def _prepare_inputs(
@@ -224,9 +228,12 @@ def _prepare_inputs(
         run.arrays.update(init_image=init_image.numpy().copy(), init_latent=init_latent.numpy().copy())
     else:
         first_t = scheduler.timesteps[0] if run.explicit_timesteps is None else run.explicit_timesteps[0]
-        s0 = float(sigmas_of(scheduler, [int(first_t)])[0])
+        s0 = float(sigmas_of(scheduler, [first_t])[0])
         start = noise * math.sqrt(1.0 + s0 * s0) if latent_space(scheduler) == "ve" else noise
-        run.call.update(latents=start / scheduler.init_noise_sigma, height=run.height, width=run.width)
+        # divided in float64, so the pipeline's float32 product with init_noise_sigma gives back ``start`` exactly
+        # (at sigma ~4096, zero terminal SNR, one float32 ulp of the start is visible after the first step)
+        latents = (start.double() / float(scheduler.init_noise_sigma)).float()
+        run.call.update(latents=latents, height=run.height, width=run.width)
 
 
 def _run_recorded(run: _Run) -> Any:
@@ -267,7 +274,7 @@ def _collect_inputs(arrays: dict[str, np.ndarray], rec: Any, variant: str, laten
 
 def _metadata(run: _Run, rec: Any, src: Path, unet: Any, settings: dict[str, Any]) -> dict[str, Any]:
     """Settings, schedule, every component config, provenance and the alignment notes stored with the arrays."""
-    from sdxl_ckpt.reference.pipeline import latent_space
+    from sdxl_ckpt.reference.pipeline import latent_space, recorded_schedule
 
     pipe, scheduler, refiner, variant = run.loaded.pipe, run.scheduler, run.loaded.refiner, run.loaded.variant
     cfg = run.arrays["context"].shape[0] > 1
@@ -288,12 +295,12 @@ def _metadata(run: _Run, rec: Any, src: Path, unet: Any, settings: dict[str, Any
             "img2img_start": settings["steps"] - len(rec.timesteps) if truncated else 0,
         },
         "schedule": {
-            **{k: dict(scheduler.config)[k] for k in ("beta_start", "beta_end", "num_train_timesteps")},
-            "beta_schedule": "scaled_linear",
+            **recorded_schedule(scheduler),
             "latent_space": space,
             "scheduler": type(scheduler).__name__,
             "alignment": run.schedule_note,
         },
+        "latents": vae_latents(pipe.vae.config),
         "configs": {
             "unet": _config_dict(pipe.unet.config),
             "vae": _config_dict(pipe.vae.config),
@@ -315,12 +322,13 @@ def _metadata(run: _Run, rec: Any, src: Path, unet: Any, settings: dict[str, Any
         "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
         "alignment": [
             run.schedule_note,
-            "initial latent: ours x = noise*sqrt(1+s0^2); pipeline given noise*sqrt(1+s0^2)/init_noise_sigma (Euler)"
-            " or noise (DPM-Solver/LCM, DDPM space)"
+            "initial latent: ours x = noise*sqrt(1+s0^2); pipeline given noise*sqrt(1+s0^2)/init_noise_sigma (Euler,"
+            " EDM) or noise (DPM-Solver/LCM, DDPM space)"
             if not refiner
             else "img2img: init latent = VAE posterior mean * scaling_factor; x = z + sigma_start * recorded noise",
             f"latents stored in the scheduler's space ({space}); VP latents = x / sqrt(1+sigma^2)",
             *_input_notes(variant),
+            _denoiser_note(run.scheduler),
         ],
     }
 
@@ -389,16 +397,36 @@ def make_reference(
 
 
 def _variant(loaded: Any, sampler: str) -> str:
-    """inpaint | pix2pix as detected; else base | refiner | lcm: the SD file's own label when it has one, else the
-    structure (lcm when sampled so)."""
-    if loaded.variant in CONCAT_KINDS:
-        return loaded.variant
-    label = loaded.metadata.get("sdxl_ckpt.variant")
-    if label in ("base", "refiner", "lcm"):
-        return label
-    if loaded.refiner:
-        return "refiner"
-    return "lcm" if sampler == "lcm" else "base"
+    """The variant row (sdxl.variants) of the model that ran, as the one detector found it when the pipeline was
+    loaded; a base-structured model sampled with the lcm sampler is lcm (an LCM UNet has the base's configs)."""
+    return "lcm" if loaded.variant == "base" and sampler == "lcm" else loaded.variant
+
+
+def _denoiser_note(scheduler: Any) -> str:
+    """One line on how the UNet output becomes the clean estimate, for the alignment notes."""
+    from sdxl_ckpt.reference.pipeline import recorded_schedule
+
+    sched = recorded_schedule(scheduler)
+    if sched["kind"] == "edm":
+        return (
+            f"EDM preconditioning, sigma_data {sched['sigma_data']:g}, {sched['prediction_type']}: UNet timestep "
+            "c_noise = ln(sigma)/4, no snapping to training sigmas"
+        )
+    zero = ", schedule rescaled to zero terminal SNR (last abar 2**-24)" if sched["rescale_betas_zero_snr"] else ""
+    return f"discrete DDPM denoiser, {sched['prediction_type']} prediction{zero}"
+
+
+def vae_latents(vae_config: Any) -> dict[str, Any]:
+    """How sampler latents map to the VAE's: ``z_vae = z * std / scaling_factor + mean`` (per channel) when the
+    VAE config has latents_mean / latents_std (Playground v2.5), else ``z / scaling_factor``: diffusers' rule."""
+    config = dict(vae_config)
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    both = mean is not None and std is not None
+    return {
+        "scaling_factor": float(config["scaling_factor"]),
+        "mean": [float(v) for v in mean] if both else None,
+        "std": [float(v) for v in std] if both else None,
+    }
 
 
 def _collect(arrays: dict[str, np.ndarray], rec: Any, scheduler: Any, sigmas_of: Any, image: np.ndarray) -> None:
@@ -416,7 +444,7 @@ def _collect(arrays: dict[str, np.ndarray], rec: Any, scheduler: Any, sigmas_of:
     arrays["unet_in_y"] = arrays["y"] = rec.y
     if "timestep_cond" in first:
         arrays["timestep_cond"] = first["timestep_cond"]
-    arrays["timesteps"] = np.asarray(rec.timesteps, dtype=np.int64)
+    arrays["timesteps"] = np.asarray(rec.timesteps, dtype=np.float32 if rec.continuous else np.int64)
     arrays["sigmas"] = sigmas_of(scheduler, rec.timesteps)
     arrays["latents"] = np.stack(rec.latents)
     arrays["final_latent"] = rec.latents[-1]

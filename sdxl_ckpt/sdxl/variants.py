@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,20 @@ EDM_SCHEDULER: dict[str, Any] = {  # Playground v2.5's scheduler (diffusers' edm
     "thresholding": False,
 }
 
+# EDM v-prediction (ComfyUI's V_PREDICTION_EDM, e.g. CosXL): EDM sigmas, v-prediction, and ComfyUI's default
+# sigma_data of 1.0 for it (its ``edm_vpred.*`` markers carry only the sigma range)
+EDM_VPRED_SCHEDULER: dict[str, Any] = {
+    "_class_name": "EDMEulerScheduler",
+    "final_sigmas_type": "zero",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rho": 7.0,
+    "sigma_data": 1.0,
+    "sigma_max": 120.0,
+    "sigma_min": 0.002,
+    "sigma_schedule": "karras",
+}
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -91,6 +105,7 @@ class Variant:
     recognised: str
     in_channels: int = 4
     prediction_type: str = "epsilon"
+    schedule: str = "ddpm"  # ddpm: the discrete 1000-step training schedule; edm: continuous EDM sigmas
     discretization: str = _DDPM_SCHEDULE
     vae_scaling: str = f"{SDXL_VAE_SCALING}"
     encoders: tuple[str, ...] = ("CLIP-L", "OpenCLIP bigG")
@@ -135,6 +150,7 @@ VARIANTS: dict[str, Variant] = {
             "playground-v2.5",
             "base",
             "marker tensors 'edm_mean' and 'edm_std'",
+            schedule="edm",
             discretization=_EDM_SCHEDULE,
             vae_scaling=f"{PLAYGROUND_VAE_SCALING} with per-channel latents mean/std (edm_mean, edm_std)",
             diffusers_type="playground-v2-5",
@@ -151,6 +167,7 @@ VARIANTS: dict[str, Variant] = {
             "base",
             "marker tensor 'edm_vpred.sigma_max' ('edm_vpred.sigma_min' too)",
             prediction_type="v_prediction",
+            schedule="edm",
             discretization="EDM sigmas between edm_vpred.sigma_min and edm_vpred.sigma_max",
         ),
         Variant("ssd-1b", "base", "UNet down transformer depths [0, 0, 2, 2, 4, 4] (Segmind SSD-1B)"),
@@ -242,6 +259,49 @@ def markers_from_scheduler(scheduler: Mapping[str, Any], vae: Mapping[str, Any] 
     return markers
 
 
+# the marker tensors that name a variant, in the order they are tested (Playground's statistics first)
+MARKER_VARIANTS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("playground-v2.5", frozenset({"edm_mean", "edm_std"})),
+    ("v-pred-edm", frozenset({"edm_vpred.sigma_max"})),
+    ("v-pred", frozenset({"v_pred"})),
+)
+
+
+def marker_variant(markers: set[str] | frozenset[str]) -> str | None:
+    """The variant the marker tensors name, or None when they name none."""
+    return next((name for name, keys in MARKER_VARIANTS if keys <= markers), None)
+
+
+def marker_values(entries: Iterable[Any]) -> dict[str, list[float]]:
+    """The marker tensors among ``entries`` (lazy TensorEntry objects), name -> values as floats (a presence
+    marker has none, or one zero in a ckpt). Loads only these few tiny tensors."""
+    from sdxl_ckpt.formats.dtypes import to_float32
+
+    return {e.name: [float(v) for v in to_float32(e.load(), e.dtype).reshape(-1)] for e in entries if e.name in MARKERS}
+
+
+def stated_sampling(markers: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint's marker tensors (name -> values, a list of floats) say about how it is sampled.
+
+    A ckpt has no metadata: these facts are all a user of it has (ComfyUI reads them the same way), so verify
+    checks the reference against them. Keys: prediction_type, schedule (ddpm | edm), zero_snr, and the values
+    the markers carry (sigma_min / sigma_max of EDM v-prediction, Playground's latents_mean / latents_std).
+    """
+    variant = marker_variant(frozenset(markers)) or "base"
+    row = VARIANTS[variant]
+    facts: dict[str, Any] = {
+        "prediction_type": row.prediction_type,
+        "schedule": row.schedule,
+        "zero_snr": variant == "v-pred" and "ztsnr" in markers,
+    }
+    carried = {**LATENT_MARKERS, "edm_vpred.sigma_max": "sigma_max", "edm_vpred.sigma_min": "sigma_min"}
+    for name, field in carried.items():
+        if name in markers and variant in ("playground-v2.5", "v-pred-edm"):
+            values = [float(v) for v in markers[name]]
+            facts[field] = values if name in LATENT_MARKERS else values[0]
+    return facts
+
+
 def _down_depths(unet: Mapping[str, Any]) -> tuple[int, ...]:
     types = unet.get("down_block_types") or ()
     layers = unet.get("layers_per_block", 2)
@@ -291,16 +351,8 @@ def detect_variant(
                 path=path,
             )
         found.append(by_channels[channels])
-    marker_variants = [
-        name
-        for name, keys in (
-            ("playground-v2.5", {"edm_mean", "edm_std"}),
-            ("v-pred-edm", {"edm_vpred.sigma_max"}),
-            ("v-pred", {"v_pred"}),
-        )
-        if keys <= markers
-    ]
-    found += marker_variants[:1]
+    by_marker = marker_variant(markers)
+    found += [by_marker] if by_marker else []
     if unet.get("time_cond_proj_dim"):
         found.append("lcm")
     elif declared == "lcm":
@@ -338,11 +390,23 @@ def detect_variant(
 
 
 def scheduler_for(
-    variant: str, sdxl_scheduler: Mapping[str, Any], markers: set[str] | frozenset[str] | None = None
+    variant: str,
+    sdxl_scheduler: Mapping[str, Any],
+    markers: set[str] | frozenset[str] | None = None,
+    marker_values: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The diffusers scheduler config of a variant: ``sdxl_scheduler`` (SDXL's own) unless the variant differs."""
+    """The diffusers scheduler config of a variant: ``sdxl_scheduler`` (SDXL's own) unless the variant differs.
+
+    EDM v-prediction takes its sigmas from ``marker_values`` (``edm_vpred.sigma_max`` / ``sigma_min``) when given.
+    """
     if variant == "playground-v2.5":
         return copy.deepcopy(EDM_SCHEDULER)
+    if variant == "v-pred-edm":
+        config = copy.deepcopy(EDM_VPRED_SCHEDULER)
+        for field in ("sigma_max", "sigma_min"):
+            if marker_values and f"edm_vpred.{field}" in marker_values:
+                config[field] = float(marker_values[f"edm_vpred.{field}"])
+        return config
     config = copy.deepcopy(dict(sdxl_scheduler))
     if VARIANTS[variant].prediction_type == "v_prediction":
         config["prediction_type"] = "v_prediction"

@@ -35,8 +35,10 @@ class UNetConfig:
     layers_per_block: tuple[int, ...]  # resnets per level on the way down (the way up has one more)
     attention: tuple[bool, ...]  # level has SpatialTransformers on the way down
     attention_up: tuple[bool, ...]  # ... on the way up (indexed by level, not by diffusers' up_block index)
-    transformer_depth: tuple[int, ...]  # transformer blocks per SpatialTransformer, per level, way down
-    transformer_depth_up: tuple[int, ...]  # ... way up, per level
+    # transformer blocks of each SpatialTransformer: per level, per layer (distilled UNets such as SSD-1B / Vega
+    # thin single layers, down to 0 blocks: norm and projections only)
+    transformer_depth: tuple[tuple[int, ...], ...]  # way down: layers_per_block[level] entries per level
+    transformer_depth_up: tuple[tuple[int, ...], ...]  # way up, by level: layers_per_block[level] + 1 entries
     transformer_depth_middle: int
     num_heads: tuple[int, ...]  # attention heads per level (diffusers' misnamed attention_head_dim)
     num_heads_middle: int
@@ -44,6 +46,8 @@ class UNetConfig:
     adm_in_channels: int  # width of y: 2816 base, 2560 refiner
     addition_time_embed_dim: int  # sinusoidal width of each size/crop/aesthetic scalar (256)
     time_cond_proj_dim: int | None = None  # LCM guidance embedding (time_cond_proj), absent in lcm-sdxl
+    time_embedding_dim: int | None = None  # width of the time embedding; None: 4 x model_channels (SDXL)
+    linear_projection: bool = True  # proj_in / proj_out of the SpatialTransformers: Linear (SDXL) or 1x1 conv
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     transformer_norm_eps: float = 1e-6  # GroupNorm before proj_in (sgm Normalize, diffusers Transformer2DModel)
@@ -55,7 +59,7 @@ class UNetConfig:
 
     @property
     def time_embed_dim(self) -> int:
-        return 4 * self.model_channels
+        return self.time_embedding_dim or 4 * self.model_channels
 
     @property
     def num_levels(self) -> int:
@@ -130,6 +134,26 @@ def _per_level(value: Any, n: int, name: str) -> tuple[int, ...]:
     raise InputError(f"unet config: {name} must be an int or {n} ints, got {value!r}")
 
 
+def _per_layer(value: Any, layers: tuple[int, ...], extra: int, name: str) -> tuple[tuple[int, ...], ...]:
+    """Transformer depths per level and layer: an int (every layer), one int per level, or one list per level
+    with an entry per layer (``layers[level] + extra`` of them: the way up has one layer more)."""
+    n = len(layers)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value] * n
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise InputError(f"unet config: {name} must be an int or {n} entries, got {value!r}")
+    out = []
+    for level, entry in enumerate(value):
+        count = layers[level] + extra
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            out.append((int(entry),) * count)
+        elif isinstance(entry, (list, tuple)) and len(entry) == count and all(isinstance(d, int) for d in entry):
+            out.append(tuple(int(d) for d in entry))
+        else:
+            raise InputError(f"unet config: {name}[{level}] must be an int or {count} ints, got {entry!r}")
+    return tuple(out)
+
+
 def _require(cfg: Mapping[str, Any], component: str, key: str, allowed: tuple[Any, ...]) -> None:
     if cfg.get(key, allowed[0]) not in allowed:
         raise InputError(f"{component} config: {key}={cfg.get(key)!r} is not supported (SDXL uses {allowed[0]!r})")
@@ -145,7 +169,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     """UNet2DConditionModel's config.json -> UNetConfig (rules of UNet2DConditionModel.__init__)."""
     for key, allowed in (
         ("addition_embed_type", ("text_time",)),
-        ("use_linear_projection", (True,)),
+        ("use_linear_projection", (True, False)),
         ("mid_block_type", ("UNetMidBlock2DCrossAttn",)),
         ("flip_sin_to_cos", (True,)),
         ("freq_shift", (0,)),
@@ -153,7 +177,6 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         ("time_embedding_type", ("positional",)),
         ("class_embed_type", (None,)),
         ("encoder_hid_dim_type", (None,)),
-        ("time_embedding_dim", (None,)),
         ("conv_in_kernel", (3,)),
         ("conv_out_kernel", (3,)),
         ("act_fn", ("silu",)),
@@ -172,15 +195,20 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     if len(down_types) != n or len(up_types) != n:
         raise InputError("unet config: down_block_types / up_block_types need one entry per block_out_channels")
     heads = _per_level(cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8), n, "attention_head_dim")
-    depth = _per_level(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
-    reverse_depth = cfg.get("reverse_transformer_layers_per_block")
-    # diffusers indexes up blocks from the lowest resolution; levels count from the highest
-    depth_up = (
-        tuple(reversed(_per_level(reverse_depth, n, "reverse_transformer_layers_per_block")))
-        if reverse_depth is not None
-        else depth
-    )
     layers = _per_level(cfg.get("layers_per_block", 2), n, "layers_per_block")
+    depth = _per_layer(cfg.get("transformer_layers_per_block", 1), layers, 0, "transformer_layers_per_block")
+    reverse_depth = cfg.get("reverse_transformer_layers_per_block")
+    # diffusers indexes up blocks from the lowest resolution; levels count from the highest. Without the reverse
+    # list every up layer of a level has the level's (single) depth, as diffusers builds it.
+    if reverse_depth is not None:
+        if not isinstance(reverse_depth, (list, tuple)) or len(reverse_depth) != n:
+            raise InputError(f"unet config: reverse_transformer_layers_per_block needs {n} entries")
+        depth_up = _per_layer(list(reversed(reverse_depth)), layers, 1, "reverse_transformer_layers_per_block")
+    else:
+        depth_up = tuple((d[0],) * (count + 1) for d, count in zip(depth, layers))
+    middle = cfg.get("transformer_layers_per_block", 1)
+    middle = middle if isinstance(middle, int) else middle[-1]
+    middle = middle if isinstance(middle, int) else middle[0]  # the mid block has one transformer
     for level, c in enumerate(channels):
         if c % heads[level]:
             raise InputError(f"unet config: {c} channels at level {level} do not split into {heads[level]} heads")
@@ -193,13 +221,15 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         attention_up=tuple(reversed([_has_attention(t) for t in up_types])),
         transformer_depth=depth,
         transformer_depth_up=depth_up,
-        transformer_depth_middle=depth[-1],
+        transformer_depth_middle=int(middle),
         num_heads=heads,
         num_heads_middle=heads[-1],
         context_dim=int(cfg["cross_attention_dim"]),
         adm_in_channels=int(cfg["projection_class_embeddings_input_dim"]),
         addition_time_embed_dim=int(cfg["addition_time_embed_dim"]),
         time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
+        time_embedding_dim=cfg.get("time_embedding_dim"),
+        linear_projection=bool(cfg.get("use_linear_projection", True)),
         norm_num_groups=int(cfg.get("norm_num_groups", 32)),
         norm_eps=float(cfg.get("norm_eps", 1e-5)),
     )
@@ -269,8 +299,9 @@ def from_diffusers_configs(
 ) -> SDXLConfig:
     """The four component config.json dicts (or their JSON text) -> SDXLConfig.
 
-    ``text_encoder`` None means a refiner. ``variant`` (base|refiner|lcm) defaults to what the configs say;
-    LCM cannot be told from base by its configs, so pass "lcm" when known (it only labels the config).
+    ``text_encoder`` None means a refiner. ``variant`` (any row of ``sdxl.variants.VARIANTS`` with this key
+    structure) defaults to the structure; LCM cannot be told from base by its configs, so pass "lcm" when known
+    (it only labels the config: what differs in the network is in the component configs).
     """
     unet_d, vae_d = _as_dict(unet, "unet"), _as_dict(vae, "vae")
     te_d, te2_d = _as_dict(text_encoder, "text_encoder"), _as_dict(text_encoder_2, "text_encoder_2")
@@ -279,7 +310,7 @@ def from_diffusers_configs(
     structure = "refiner" if te_d is None else "base"
     if variant is None:
         variant = structure
-    if variant not in VARIANTS or (variant == "refiner") != (structure == "refiner"):
+    if variant not in VARIANT_TABLE or VARIANT_TABLE[variant].structure != structure:
         raise InputError(f"variant {variant!r} does not fit the configs (a {structure} structure)")
     config = SDXLConfig(
         variant=variant,

@@ -123,23 +123,40 @@ class BasicTransformerBlock(nn.Cell):
 
 
 class SpatialTransformer(nn.Cell):
-    """GroupNorm, linear ``proj_in`` on [B, HW, C], ``depth`` transformer blocks, linear ``proj_out``, residual."""
+    """GroupNorm, ``proj_in``, ``depth`` transformer blocks on [B, HW, C], ``proj_out``, residual.
+
+    The projections are Linear on the tokens (SDXL, ``use_linear_projection``) or 1x1 convs on the feature map
+    (weights [C, C, 1, 1]; the same map, applied before the reshape to tokens and after the reshape back).
+    ``depth`` may be 0 (distilled UNets keep the norm and projections of a thinned-out transformer).
+    """
 
     def __init__(self, channels: int, heads: int, depth: int, cfg: UNetConfig, rt: Runtime) -> None:
         super().__init__()
+        self.linear = cfg.linear_projection
         self.norm = GroupNorm(cfg.norm_num_groups, channels, cfg.transformer_norm_eps, rt)
-        self.proj_in = dense(channels, channels, rt)
+        project = (
+            (lambda: dense(channels, channels, rt)) if self.linear else (lambda: conv2d(channels, channels, 1, rt))
+        )
+        self.proj_in = project()
         self.transformer_blocks = nn.CellList([BasicTransformerBlock(channels, heads, cfg, rt) for _ in range(depth)])
-        self.proj_out = dense(channels, channels, rt)
+        self.proj_out = project()
 
     def construct(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        tokens = self.norm(x).reshape(b, c, h * w).transpose(0, 2, 1)
-        tokens = self.proj_in(tokens)
+        hidden = self.norm(x)
+        if not self.linear:
+            hidden = self.proj_in(hidden)
+        tokens = hidden.reshape(b, c, h * w).transpose(0, 2, 1)
+        if self.linear:
+            tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        tokens = self.proj_out(tokens)
-        return tokens.transpose(0, 2, 1).reshape(b, c, h, w) + x
+        if self.linear:
+            tokens = self.proj_out(tokens)
+        hidden = tokens.transpose(0, 2, 1).reshape(b, c, h, w)
+        if not self.linear:
+            hidden = self.proj_out(hidden)
+        return hidden + x
 
 
 class Downsample(nn.Cell):
@@ -187,11 +204,11 @@ class UNetModel(nn.Cell):
         blocks: list[list[nn.Cell]] = [[conv2d(cfg.in_channels, mc, 3, rt, padding=1)]]
         skip_channels, ch = [mc], mc
         for level, width in enumerate(cfg.block_out_channels):
-            for _ in range(cfg.layers_per_block[level]):
+            for j in range(cfg.layers_per_block[level]):
                 layers: list[nn.Cell] = [ResBlock(ch, ted, width, cfg, rt)]
                 ch = width
                 if cfg.attention[level]:
-                    layers.append(transformer(level, ch, cfg.transformer_depth[level]))
+                    layers.append(transformer(level, ch, cfg.transformer_depth[level][j]))
                 blocks.append(layers)
                 skip_channels.append(ch)
             if level != cfg.num_levels - 1:
@@ -214,7 +231,7 @@ class UNetModel(nn.Cell):
                 layers = [ResBlock(ch + skip_channels.pop(), ted, width, cfg, rt)]
                 ch = width
                 if cfg.attention_up[level]:
-                    layers.append(transformer(level, ch, cfg.transformer_depth_up[level]))
+                    layers.append(transformer(level, ch, cfg.transformer_depth_up[level][i]))
                 if level and i == cfg.layers_per_block[level]:
                     layers.append(Upsample(ch, rt))
                 blocks.append(layers)

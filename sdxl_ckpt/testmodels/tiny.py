@@ -23,7 +23,7 @@ from sdxl_ckpt.formats.atomic import atomic_output_dir, check_output_dir
 from sdxl_ckpt.formats.diffusers_folder import with_text_model_level
 from sdxl_ckpt.sdxl.configs import SCHEDULER_CONFIG, full_configs
 from sdxl_ckpt.sdxl.tokenizers import BYTE_LEVEL_VOCAB_SIZE, write_tokenizers
-from sdxl_ckpt.sdxl.variants import EDM_SCHEDULER, structure_of
+from sdxl_ckpt.sdxl.variants import EDM_SCHEDULER, EDM_VPRED_SCHEDULER, structure_of
 from sdxl_ckpt.testmodels.common import component_seed, text_config, write_model_index, write_scheduler
 
 # --- tiny widths: everything else stays as in FULL_CONFIGS -----------------------------------------
@@ -162,9 +162,11 @@ SHAPES["inpaint"] = ("base", {"unet": {"in_channels": 9}})
 SHAPES["pix2pix"] = ("base", {"unet": {"in_channels": 8}})
 SHAPES["playground-v2.5"] = ("base", {"vae": {"scaling_factor": 0.5, **_LATENT_STATS}})
 SHAPES["v-pred"] = ("base", {})
+SHAPES["v-pred-edm"] = ("base", {})
 SHAPE_SCHEDULERS: dict[str, dict[str, Any]] = {
     "playground-v2.5": EDM_SCHEDULER,
     "v-pred": {**SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True},
+    "v-pred-edm": EDM_VPRED_SCHEDULER,  # CosXL-like: sigmas 0.002..120, sigma_data 1
 }
 
 

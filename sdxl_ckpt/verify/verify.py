@@ -28,11 +28,14 @@ import numpy as np
 from sdxl_ckpt.errors import InputError, KeyMismatchError
 from sdxl_ckpt.formats.reference_npz import Reference
 from sdxl_ckpt.sdxl.samplers import REFERENCE_SAMPLERS, reference_sampler
-from sdxl_ckpt.sdxl.variants import CONCAT_KINDS
+from sdxl_ckpt.sdxl.variants import CONCAT_KINDS, marker_values, stated_sampling
 from sdxl_ckpt.sdxl_runtime.sampling import (
     SAMPLERS,
     DiscreteDenoiser,
+    EDMDenoiser,
+    EDMDiscretization,
     LegacyDDPMDiscretization,
+    edm_noise_conditioning,
     img2img_sample,
     img2img_start,
     initial_sample,
@@ -45,12 +48,53 @@ from sdxl_ckpt.verify.compare import StageResult, Tolerances, compare, first_fai
 
 @dataclass(frozen=True)
 class Schedule:
-    """Our discretization, the timesteps of the steps run and their sigmas; ``note`` when they differ from the ref."""
+    """Our discretization, the timesteps of the steps run and their sigmas; ``note`` when they differ from the ref.
 
-    disc: LegacyDDPMDiscretization
+    Timesteps are the UNet's: training-timestep indices (DDPM) or float c_noise values (EDM).
+    """
+
+    disc: LegacyDDPMDiscretization | EDMDiscretization
     timesteps: np.ndarray
     sigmas: np.ndarray
     note: str
+
+
+def schedule_record(ref: Reference) -> dict[str, Any]:
+    """The reference's schedule record, with the defaults of references that predate v-prediction and EDM."""
+    return {"kind": "ddpm", "prediction_type": "epsilon", "rescale_betas_zero_snr": False, **ref.meta["schedule"]}
+
+
+def latents_record(ref: Reference) -> dict[str, Any]:
+    """How sampler latents map to the VAE's, as the reference recorded it (else from its VAE config)."""
+    if "latents" in ref.meta:
+        return ref.meta["latents"]
+    vae = ref.configs["vae"]
+    return {"scaling_factor": float(vae.get("scaling_factor", 0.13025)), "mean": None, "std": None}
+
+
+def marker_disagreement(stated: Mapping[str, Any], ref: Reference) -> str:
+    """Where the checkpoint's marker tensors contradict how the reference sampled (empty when they agree).
+
+    A ckpt carries its variant only in these markers: a reference run another way proves nothing about it, and
+    a ckpt that lost its markers would be sampled wrongly by anyone reading it.
+    """
+    sched, lat = schedule_record(ref), latents_record(ref)
+    said = {
+        "prediction_type": (stated["prediction_type"], sched["prediction_type"]),
+        "schedule": (stated["schedule"], sched["kind"]),
+        "zero terminal SNR": (stated["zero_snr"], bool(sched.get("rescale_betas_zero_snr"))),
+    }
+    problems = [f"{name}: checkpoint markers say {a}, the reference ran {b}" for name, (a, b) in said.items() if a != b]
+    for field in ("sigma_min", "sigma_max"):
+        if field in stated and sched["kind"] == "edm" and not math.isclose(stated[field], sched[field], rel_tol=1e-6):
+            problems.append(f"{field}: checkpoint markers say {stated[field]:g}, the reference ran {sched[field]:g}")
+    for field, key in (("latents_mean", "mean"), ("latents_std", "std")):
+        theirs = lat.get(key)
+        if (field in stated) != (theirs is not None) or (
+            theirs is not None and not np.allclose(stated[field], theirs, rtol=1e-6, atol=0)
+        ):
+            problems.append(f"{field}: checkpoint markers say {stated.get(field)}, the reference's VAE has {theirs}")
+    return "; ".join(problems)
 
 
 class Session:
@@ -102,18 +146,48 @@ class Session:
 
     @cached_property
     def schedule(self) -> Schedule:
-        sched = self.ref.meta["schedule"]
-        disc = LegacyDDPMDiscretization(sched["beta_start"], sched["beta_end"], sched["num_train_timesteps"])
+        sched = schedule_record(self.ref)
         n = self.s["steps"]
+        ref_timesteps = self.ref["timesteps"]
+        if sched["kind"] == "edm":
+            edm = EDMDiscretization(sched["sigma_min"], sched["sigma_max"], sched["rho"])
+            sigmas = edm(n)
+            timesteps = edm_noise_conditioning(sigmas[:-1])
+            same = timesteps.shape == ref_timesteps.shape and np.allclose(
+                timesteps, ref_timesteps, rtol=1e-5, atol=1e-6
+            )
+            note = "" if same else f"c_noise {timesteps.tolist()} vs reference {ref_timesteps.tolist()}"
+            return Schedule(edm, timesteps, sigmas, note)
+        disc = LegacyDDPMDiscretization(
+            sched["beta_start"], sched["beta_end"], sched["num_train_timesteps"], sched["rescale_betas_zero_snr"]
+        )
         timesteps = lcm_timesteps(n) if self.s["sampler"] == "lcm" else disc.timesteps(n)
         timesteps = timesteps[img2img_start(n, self.s["strength"]) if self.img2img else 0 :]
-        ref_timesteps = self.ref["timesteps"].tolist()
         note = (
             ""
-            if timesteps.tolist() == ref_timesteps
-            else f"timesteps {timesteps.tolist()} vs reference {ref_timesteps}"
+            if timesteps.tolist() == ref_timesteps.tolist()
+            else f"timesteps {timesteps.tolist()} vs reference {ref_timesteps.tolist()}"
         )
         return Schedule(disc, timesteps, disc.sigmas_for(timesteps), note)
+
+    @cached_property
+    def denoiser(self) -> DiscreteDenoiser | EDMDenoiser:
+        """The reference's parameterisation: discrete DDPM (eps or v) or continuous EDM preconditioning."""
+        sched = schedule_record(self.ref)
+        if sched["kind"] == "edm":
+            return EDMDenoiser(sched["sigma_data"], sched["prediction_type"])
+        return DiscreteDenoiser(self.schedule.disc.table, sched["prediction_type"])
+
+    def to_vae(self, z: np.ndarray) -> np.ndarray:
+        """Sampler latent -> VAE latent: ``z * std / scaling + mean`` per channel, or ``z / scaling``."""
+        lat = latents_record(self.ref)
+        scaling = np.float32(lat["scaling_factor"])
+        if lat.get("mean") is None:
+            return z / scaling
+        shape = (1, -1, 1, 1)
+        mean = np.asarray(lat["mean"], np.float32).reshape(shape)
+        std = np.asarray(lat["std"], np.float32).reshape(shape)
+        return (z * std / scaling + mean).astype(np.float32)
 
     @cached_property
     def text(self) -> dict[str, tuple[Any, ...]]:
@@ -187,9 +261,7 @@ class Session:
 
         image_scale = self.s["image_guidance"] if self.variant == "pix2pix" else None
         guider = make_guider(self.s["guidance"], self.cfg, image_scale)
-        denoise = make_denoise(
-            network, DiscreteDenoiser(self.schedule.disc.table), guider, conds["cond"], conds.get("uncond")
-        )
+        denoise = make_denoise(network, self.denoiser, guider, conds["cond"], conds.get("uncond"))
         x = img2img_sample(self.init_latent, noise, float(sigmas[0])) if self.img2img else initial_sample(noise, sigmas)
         states: list[np.ndarray] = []
         extra: dict[str, Any] = {}
@@ -201,7 +273,7 @@ class Session:
 
     @cached_property
     def decoded(self) -> np.ndarray:
-        return self.rt.decode(self.states[-1] / np.float32(self.rt.config.vae.scaling_factor))
+        return self.rt.decode(self.to_vae(self.states[-1]))
 
 
 # --- stage computations ----------------------------------------------------------------------------------------
@@ -226,7 +298,7 @@ def _unet_first(ss: Session) -> np.ndarray:
 
 def _decode_ref(ss: Session) -> np.ndarray:
     """The VAE alone: decode the reference's own final latent (tells a VAE fault from a sampling one)."""
-    return ss.rt.decode(ss.ref["final_latent"] / np.float32(ss.rt.config.vae.scaling_factor))
+    return ss.rt.decode(ss.to_vae(ss.ref["final_latent"]))
 
 
 def _step(i: int) -> Callable[[Session], np.ndarray]:
@@ -373,6 +445,28 @@ class VerifyReport:
         return report_dict(self.results, self.context)
 
 
+FP32_UNIT_ROUNDOFF = 2.0**-24
+CHAIN_STAGES = ("step", "final_latent", "decoded", "image")  # computed from our own previous samples
+
+
+def chain_floor(ref: Reference, dtype: str) -> dict[str, float]:
+    """fp32 tolerances of the Euler chain when float32 itself cannot meet the default: stage -> rel L2.
+
+    Euler's first step ``x + (x - D) / sigma * (sigma_next - sigma)`` starts from a sample of magnitude sigma_0
+    and cancels it down to an O(1) one; each float32 operation on it keeps only ``2**-24 * sigma_0`` absolute,
+    on both sides, whichever side is right. For SDXL's sigma_0 of 14.6 that is 9e-7, far below the default 1e-4:
+    nothing changes. For a schedule rescaled to zero terminal SNR (sigma_0 ~4096) it is 2.4e-4, so the chain
+    stages get ``4 * 2**-24 * sigma_0`` (1e-3). DPM-Solver (``ratio * x + phi * D``) and LCM cancel nothing,
+    the other dtypes' defaults are far above their rounding: no floor there. ``--rtol-override`` wins.
+    """
+    if dtype != "fp32" or ref.settings["sampler"] != "euler":
+        return {}
+    floor = 4 * FP32_UNIT_ROUNDOFF * float(np.max(ref["sigmas"]))
+    if floor <= Tolerances(dtype).rtol(""):
+        return {}
+    return {name: float(f"{floor:.2g}") for name in CHAIN_STAGES}
+
+
 def runtime_config(ref: Reference) -> Any:
     """The runtime's SDXLConfig from the component configs the reference stored."""
     from sdxl_ckpt.sdxl_runtime.config import from_diffusers_configs
@@ -410,7 +504,8 @@ def verify_checkpoint(
             f"the reference was made with --sampler {ref_sampler}; verify compares the same sampler "
             f"(make a {reference_sampler(sampler)} reference to check it)"
         )
-    tol = Tolerances(dtype, dict(overrides or {}))
+    floor = chain_floor(ref, dtype)
+    tol = Tolerances(dtype, {**floor, **(overrides or {})})
     start = time.perf_counter()
     try:
         rt = SDXLRuntime.from_checkpoint(ckpt, runtime_config(ref), device=device, dtype=dtype, quiet=quiet)
@@ -419,13 +514,17 @@ def verify_checkpoint(
             f"checkpoint does not fit the {ref.meta.get('variant')} model the reference was made with: {err}"
         ) from None
     loaded = time.perf_counter() - start
+    from sdxl_ckpt.sdxl_runtime.loader import read_entries
+
+    markers = marker_values(read_entries(ckpt)[0])  # headers, then only the few marker tensors
+    disagreement = marker_disagreement(stated_sampling(markers), ref)
     session = Session(rt, ref)
     results = []
     table = stages_for(ref, rt.config.is_refiner, rt.config.unet.time_cond_proj_dim is not None)
     with step_bar(len(table), "verify", quiet) as bar:
         for stage in table:
             ours = stage.ours(session)
-            note = session.schedule.note if stage.name == "schedule" else ""
+            note = "; ".join(filter(None, (session.schedule.note, disagreement))) if stage.name == "schedule" else ""
             result = compare(
                 stage.name,
                 stage.reference,
@@ -455,9 +554,15 @@ def verify_checkpoint(
         "load_seconds": round(loaded, 3),
         "total_seconds": round(time.perf_counter() - start, 3),
         "runtime_notes": rt.notes,
+        "checkpoint_markers": sorted(markers),
         "stages_run": len(results),
         "stages_total": len(table),
-        "tolerances": {"rel_l2": tol.rtol(""), "image_levels": tol.image_levels(), "overrides": tol.overrides},
+        "tolerances": {
+            "rel_l2": tol.rtol(""),
+            "image_levels": tol.image_levels(),
+            "overrides": tol.overrides,
+            "chain_floor": floor,
+        },
     }
     return VerifyReport(results, context)
 

@@ -5,7 +5,14 @@ discretization (which sigmas) -> denoiser (sigma -> UNet input/timestep, eps -> 
 """
 
 from sdxl_ckpt.sdxl_runtime.sampling.compose import make_denoise
-from sdxl_ckpt.sdxl_runtime.sampling.denoiser import DiscreteDenoiser, eps_scalings
+from sdxl_ckpt.sdxl_runtime.sampling.denoiser import (
+    DiscreteDenoiser,
+    EDMDenoiser,
+    edm_noise_conditioning,
+    edm_scalings,
+    eps_scalings,
+    v_scalings,
+)
 from sdxl_ckpt.sdxl_runtime.sampling.discretization import (
     EDMDiscretization,
     LegacyDDPMDiscretization,
@@ -36,12 +43,15 @@ from sdxl_ckpt.sdxl_runtime.sampling.samplers import (
 __all__ = [
     "SAMPLERS",
     "DiscreteDenoiser",
+    "EDMDenoiser",
     "EDMDiscretization",
     "IdentityGuider",
     "ImageTextCFG",
     "LegacyDDPMDiscretization",
     "VanillaCFG",
     "ancestral_step",
+    "edm_noise_conditioning",
+    "edm_scalings",
     "eps_scalings",
     "img2img_sample",
     "img2img_start",
@@ -57,4 +67,5 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_heun",
     "sample_lcm",
+    "v_scalings",
 ]

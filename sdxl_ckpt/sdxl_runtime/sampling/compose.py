@@ -6,14 +6,14 @@ from typing import Any
 
 import numpy as np
 
-from sdxl_ckpt.sdxl_runtime.sampling.denoiser import DiscreteDenoiser, Network
+from sdxl_ckpt.sdxl_runtime.sampling.denoiser import Denoiser, Network
 from sdxl_ckpt.sdxl_runtime.sampling.guider import IdentityGuider, ImageTextCFG, VanillaCFG
 from sdxl_ckpt.sdxl_runtime.sampling.samplers import Denoise
 
 
 def make_denoise(
     network: Network,
-    denoiser: DiscreteDenoiser,
+    denoiser: Denoiser,
     guider: IdentityGuider | VanillaCFG | ImageTextCFG,
     cond: dict[str, Any],
     uc: dict[str, Any] | None = None,

@@ -32,6 +32,22 @@ def scaled_linear_alphas_cumprod(
     return np.cumprod(1.0 - betas)
 
 
+ZERO_SNR_LAST_ALPHA_CUMPROD = 2.0**-24  # diffusers' stand-in for 0: the first sigma is then ~4096, not infinite
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """Zero terminal SNR (Lin et al. 2023, Algorithm 1): shift ``sqrt(abar)`` so its last entry is 0 and scale it
+    so its first is unchanged; the last ``abar`` is then ``2**-24`` (diffusers' rule, so sigma_max is finite).
+
+    Computed on ``abar`` directly (the betas round trip of the paper gives the same values), in float64.
+    """
+    root = np.sqrt(np.asarray(alphas_cumprod, dtype=np.float64))
+    first, last = root[0], root[-1]
+    rescaled = ((root - last) * (first / (first - last))) ** 2
+    rescaled[-1] = ZERO_SNR_LAST_ALPHA_CUMPROD
+    return rescaled
+
+
 def legacy_ddpm_timesteps(n: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
     """The n training timesteps LegacyDDPM visits, ASCENDING: ``linspace(T-1, 0, n, endpoint=False)`` truncated.
 
@@ -59,7 +75,8 @@ class LegacyDDPMDiscretization:
     """SDXL's default schedule: n of the 1000 training sigmas, descending, then 0.
 
     ``table`` holds all training sigmas ascending, so ``table[t]`` is the sigma of timestep t (the DiscreteDenoiser's
-    quantisation table).
+    quantisation table). ``zero_terminal_snr``: the schedule rescaled to zero terminal SNR (v-prediction models
+    trained so, ComfyUI's ``ztsnr``).
     """
 
     def __init__(
@@ -67,9 +84,12 @@ class LegacyDDPMDiscretization:
         linear_start: float = SDXL_LINEAR_START,
         linear_end: float = SDXL_LINEAR_END,
         num_timesteps: int = NUM_TRAIN_TIMESTEPS,
+        zero_terminal_snr: bool = False,
     ) -> None:
         self.num_timesteps = num_timesteps
         self.alphas_cumprod = scaled_linear_alphas_cumprod(num_timesteps, linear_start, linear_end)
+        if zero_terminal_snr:
+            self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
         self.table = np.sqrt(((1.0 - self.alphas_cumprod) / self.alphas_cumprod).astype(np.float32))
 
     def timesteps(self, n: int) -> np.ndarray:
