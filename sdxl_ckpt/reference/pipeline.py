@@ -77,6 +77,7 @@ class LoadedPipeline:
     refiner: bool
     kind: str  # "folder" | "single_file"
     metadata: dict[str, str]  # the SD file's metadata ({} for a folder)
+    deferred: Any = None  # DeferredUNet: the UNet is empty until the text encoders are done (phased loading)
 
 
 def _weights_variant(component: Path) -> str | None:
@@ -211,21 +212,32 @@ def attach_cond_proj(pipe: Any, src: Path, cond_dim: int) -> None:
 
 
 def load_pipeline(
-    src: str | Path, unet_dir: str | Path | None = None, config_dir: str | Path | None = None
+    src: str | Path, unet_dir: str | Path | None = None, config_dir: str | Path | None = None, phased: bool = False
 ) -> LoadedPipeline:
-    """diffusers' SDXL pipeline (txt2img, or img2img for a refiner) in float32 on the CPU, offline."""
+    """diffusers' SDXL pipeline (txt2img, or img2img for a refiner) in float32 on the CPU, offline.
+
+    ``phased``: the UNet is left empty (``LoadedPipeline.deferred``) to be filled after ``encode_prompt``, once the
+    text encoders are released (``reference.deferred``); otherwise every component is loaded now.
+    """
     import torch
 
+    from sdxl_ckpt.reference import deferred as deferral
+
     src = Path(src)
-    unet = load_unet(Path(unet_dir)) if unet_dir is not None else None
-    extra = {"unet": unet} if unet is not None else {}
+    later = deferral.folder_unet(Path(unet_dir), _weights_variant(Path(unet_dir))) if phased and unet_dir else None
+    unet = load_unet(Path(unet_dir)) if unet_dir is not None and later is None else None
+    extra = {"unet": later.unet if later is not None else unet} if unet_dir is not None else {}
     with quiet_libraries():
         if src.is_dir():
             refiner = _is_refiner_folder(src)
+            variant = _weights_variant(src / "unet")
+            if phased and later is None:
+                later = deferral.folder_unet(src / "unet", variant)
+                extra = {"unet": later.unet}
             pipe = _pipeline_class(refiner).from_pretrained(
-                src, torch_dtype=torch.float32, local_files_only=True, variant=_weights_variant(src / "unet"), **extra
+                src, torch_dtype=torch.float32, local_files_only=True, variant=variant, **extra
             )
-            return LoadedPipeline(pipe, refiner, "folder", {})
+            return LoadedPipeline(pipe, refiner, "folder", {}, later)
         if not src.is_file():
             raise InputError("source not found (expected a diffusers folder or an SD .safetensors file)", path=src)
         from sdxl_ckpt.formats.safetensors_io import read_safetensors
@@ -237,12 +249,17 @@ def load_pipeline(
             refiner, cond_dim = write_config_folder(
                 metadata, Path(tmp), Path(config_dir) if config_dir is not None else None, shapes
             )
+            if phased and later is None:
+                config = json.loads((Path(tmp) / "unet" / "config.json").read_text())
+                with contextlib.suppress(deferral.NotRenaming):  # then diffusers loads the whole UNet itself
+                    later = deferral.single_file_unet(src, config, int(cond_dim) if cond_dim is not None else None)
+                    extra = {"unet": later.unet}
             pipe = _pipeline_class(refiner).from_single_file(
                 str(src), config=tmp, local_files_only=True, torch_dtype=torch.float32, **extra
             )
-        if cond_dim is not None and unet is None:
+        if cond_dim is not None and unet_dir is None and later is None:
             attach_cond_proj(pipe, src, int(cond_dim))
-        return LoadedPipeline(pipe, refiner, "single_file", metadata)
+        return LoadedPipeline(pipe, refiner, "single_file", metadata, later)
 
 
 def load_lora(pipe: Any, lora: str | Path, scale: float) -> dict[str, Any]:

@@ -118,14 +118,16 @@ def _load(
     width: int | None,
     lora: Any = None,
     lora_scale: float = 1.0,
+    phased: bool = True,
 ) -> _Run:
     """The pipeline (with the LoRA loaded, if any) and our sampler's scheduler, and the image size (default: the
-    UNet's native size)."""
+    UNet's native size). ``phased`` (without a LoRA, which is injected into the loaded UNet): the UNet is filled
+    only after the prompt is encoded and the text encoders are released."""
     from sdxl_ckpt.reference.pipeline import configure_scheduler, load_lora, load_pipeline, quiet_libraries
 
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
-    loaded = load_pipeline(src, unet, config_dir)
+    loaded = load_pipeline(src, unet, config_dir, phased=phased and lora is None)
     pipe = loaded.pipe
     lora_meta = load_lora(pipe, lora, lora_scale) if lora is not None else None
     pipe.set_progress_bar_config(disable=True)
@@ -183,11 +185,12 @@ def _run_recorded(run: _Run) -> Any:
     import torch
 
     from sdxl_ckpt.reference.capture import Recording, record, step_callback
+    from sdxl_ckpt.reference.deferred import fill_after_encoding
     from sdxl_ckpt.reference.pipeline import quiet_libraries, sigmas_of
 
     pipe = run.loaded.pipe
     rec = Recording()
-    with quiet_libraries(), record(pipe, rec), torch.no_grad():
+    with quiet_libraries(), record(pipe, rec), fill_after_encoding(pipe, run.loaded.deferred), torch.no_grad():
         out = pipe(**run.call, callback_on_step_end=step_callback(rec), callback_on_step_end_tensor_inputs=["latents"])
     if run.loaded.refiner:
         run.arrays["noise"] = rec.add_noise["noise"]  # the noise img2img actually added
@@ -268,17 +271,19 @@ def make_reference(
     config_dir: str | os.PathLike | None = None,
     lora: str | os.PathLike | None = None,
     lora_scale: float = 1.0,
+    phased: bool = True,
 ) -> Reference:
     """Run the pipeline with recording hooks and return the reference (arrays + metadata), in memory.
 
     The steps: load the pipeline with our sampler's scheduler, prepare its inputs from the seed, run it once
-    with the hooks, then store what it computed together with everything needed to repeat it.
+    with the hooks, then store what it computed together with everything needed to repeat it. ``phased``: the
+    text encoders are freed before the UNet is filled (same arrays; one model in memory at a time).
     """
     from sdxl_ckpt.reference.pipeline import require_torch
 
     require_torch()
     src, sampler = Path(src), reference_sampler(sampler)
-    run = _load(src, unet, config_dir, sampler, steps, height, width, lora, lora_scale)
+    run = _load(src, unet, config_dir, sampler, steps, height, width, lora, lora_scale, phased)
     _prepare_inputs(run, prompt, negative_prompt, steps, seed, guidance, strength)
     rec = _run_recorded(run)
     settings = {
