@@ -68,7 +68,7 @@ def test_a_key_missing_from_the_unet_is_named_before_anything_is_filled(base_cas
     events = _watch_fills(monkeypatch)
     with pytest.raises(KeyMismatchError) as err:
         verify_checkpoint(broken, load_reference(ref))
-    assert err.value.key == gone and f"1 parameter(s) missing from the file: {gone}" in str(err.value)
+    assert f"1 parameter(s) missing from the file: {gone}" in str(err.value)
     assert events == []  # refused before the text encoders were filled, not after the text stages
 
 
