@@ -84,6 +84,7 @@ class DeferredUNet:
         left = [n for n, t in [*self.unet.named_parameters(), *self.unet.named_buffers()] if t.is_meta]
         if left:
             raise InputError(f"the UNet still has empty tensors after filling: {', '.join(left[:8])}")
+        _return_freed_memory()
 
 
 def _batches(sources: list[tuple[Path, str, str]]) -> Iterator[tuple[Path, list[tuple[str, str]]]]:
@@ -171,15 +172,21 @@ def single_file_unet(src: Path, config: dict[str, Any], cond_dim: int | None) ->
 
 def release_text_encoders(pipe: Any) -> None:
     """Drop the text encoders' weights (meta device: the modules and configs stay) and return the memory."""
-    import ctypes
-    import gc
 
     for name in ("text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.to("meta")
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Collect now and hand freed heap pages back to the OS (glibc keeps them in the process otherwise)."""
+    import ctypes
+    import gc
+
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # glibc: hand the freed heap pages back to the OS
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL(None).malloc_trim(0)
 
 

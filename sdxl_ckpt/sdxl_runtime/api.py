@@ -170,6 +170,7 @@ class SDXLRuntime:
                 fill(self.net, self._checked, self.load_report, (component,), self._quiet)
                 self._unfilled.discard(component)
                 self.phase_log.append(f"fill {component}")
+        return_freed_memory()  # the fills' short-lived conversion buffers leave free heap pages behind
         self.load_seconds += time.perf_counter() - start
 
     # --- conditioning ---------------------------------------------------------------------------------------
