@@ -191,7 +191,7 @@ CASES: tuple[Case, ...] = (
         "reference_sd",
         "verify",
         "reference_sd.npz",
-        lambda i, o: commands.reference(i.sd, o, i.scale),
+        lambda i, o: commands.reference(i.sd, o, i.scale, config=i.diffusers),
         needs="reference",
         target_rss=CHECK_RSS_TARGET,
     ),

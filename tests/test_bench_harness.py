@@ -103,6 +103,7 @@ def test_command_lines_use_existing_options(tmp_path):
         commands.ms_to_st(p, p),
         commands.sd_to_diffusers(p, p),
         commands.reference(p, p, "full"),
+        commands.reference(p, p, "full", config=p),
         commands.verify(p, p, p),
         commands.lora_merge(p, p, p),
     ]
