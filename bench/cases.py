@@ -19,13 +19,15 @@ from bench.inputs import Inputs, ensure_lora
 class Case:
     key: str  # stable id used in JSON
     title: str  # what the table shows
-    reads: str  # input kind: "diffusers" | "sd" | "ckpt" | "verify" (the ckpt, checked against a reference)
-    kind: str  # "copy" | "convert" | "baseline" | "verify"
+    # input kind: "diffusers" | "sd" | "ckpt" | "verify" (the ckpt, checked against a reference) | "reference"
+    # (the diffusers weights the torch reference reads) | "reference_sd" (the SD file it reads)
+    reads: str
+    kind: str  # "copy" | "convert" | "baseline" | "verify" (the numerical check: reference and verify runs)
     output: str  # output file name inside the run's out folder
     argv: Callable[[Inputs, Path], list[str]]
     needs: str | None = None  # sdxl-ckpt sub-command that must exist
-    reference: str | None = None  # key of the copy case this one is compared against
-    target_ratio: float | None = None  # wall-time target, times the reference copy (judged at full size)
+    reference: str | None = None  # key of the case this one is compared against (a copy; verify: the reference)
+    target_ratio: float | None = None  # wall-time target, times the reference case (judged at full size)
     target_rss: int | None = None  # peak RSS target, bytes (judged at full size)
     target_tiny_s: float | None = None  # wall-time target at tiny scale, seconds: start-up, process start to exit
 
@@ -36,6 +38,9 @@ LORA_RSS_TARGET = int(0.5 * GB)
 COPY_TARGET = 1.10  # the byte-moving conversions: within 10 % of a plain copy of the same bytes
 CAST_TARGET = 1.30  # fp16 -> fp32: of a plain copy of as many bytes as the output
 STARTUP_TARGET_S = 0.3  # a tiny conversion (a LoRA, a folder of them) must not be start-up bound
+# full-size reference and verify (fp32, 256x256, 2 steps, CFG) on a 24 GB machine: one model phase at a time
+CHECK_RSS_TARGET = 12 * GB
+VERIFY_TARGET = 1.20  # verify's wall time, times the torch reference's on the same inputs
 
 CASES: tuple[Case, ...] = (
     Case(
@@ -171,6 +176,26 @@ CASES: tuple[Case, ...] = (
         target_tiny_s=STARTUP_TARGET_S,
     ),
     Case(
+        "reference",
+        "reference (diffusers pipeline from the folder, fp32, 2 steps)",
+        "reference",
+        "verify",
+        "reference.npz",
+        lambda i, o: commands.reference(i.diffusers, o, i.scale),
+        needs="reference",
+        target_rss=CHECK_RSS_TARGET,
+    ),
+    Case(
+        "reference_sd",
+        "reference (diffusers pipeline from the SD file, fp32, 2 steps)",
+        "reference_sd",
+        "verify",
+        "reference_sd.npz",
+        lambda i, o: commands.reference(i.sd, o, i.scale, config=i.diffusers),
+        needs="reference",
+        target_rss=CHECK_RSS_TARGET,
+    ),
+    Case(
         "verify",
         "verify (ckpt vs torch reference, 2 steps)",
         "verify",
@@ -178,18 +203,22 @@ CASES: tuple[Case, ...] = (
         "verify.json",
         lambda i, o: commands.verify(i.ckpt, i.reference, o),
         needs="verify",
+        reference="reference",
+        target_ratio=VERIFY_TARGET,
+        target_rss=CHECK_RSS_TARGET,
     ),
 )
 
 DEFAULT_KEYS = tuple(c.key for c in CASES if c.kind != "verify")
+VERIFY_KEYS = ("reference", "verify")  # what --verify adds: the wall-time target compares these two
 
 
 def select(keys: list[str] | None, with_verify: bool) -> list[Case]:
     """The cases to run, in table order; unknown keys raise ValueError naming the valid ones."""
     valid = {c.key: c for c in CASES}
     wanted = list(keys) if keys else list(DEFAULT_KEYS)
-    if with_verify and "verify" not in wanted:
-        wanted.append("verify")
+    if with_verify:
+        wanted += [k for k in VERIFY_KEYS if k not in wanted]
     unknown = [k for k in wanted if k not in valid]
     if unknown:
         raise ValueError(f"unknown case(s) {unknown}; valid: {', '.join(valid)}")

@@ -66,8 +66,21 @@ def help_text() -> list[str]:
 VERIFY_SIZE = {"tiny": [], "full": ["--height", "256", "--width", "256"]}
 
 
-def reference(src: Path, out: Path, scale: str) -> list[str]:
-    return [*cli(), "reference", str(src), "--output", str(out), "--steps", "2", *VERIFY_SIZE[scale], "--quiet"]
+def reference(src: Path, out: Path, scale: str, config: Path | None = None) -> list[str]:
+    """``config``: a diffusers folder of the model, for an SD file (the tokenizers it does not carry)."""
+    extra = ["--config", str(config)] if config is not None else []
+    return [
+        *cli(),
+        "reference",
+        str(src),
+        "--output",
+        str(out),
+        "--steps",
+        "2",
+        *VERIFY_SIZE[scale],
+        *extra,
+        "--quiet",
+    ]
 
 
 def verify(ckpt: Path, reference: Path, out: Path) -> list[str]:

@@ -73,10 +73,10 @@ class Inputs:
         return files
 
     def files(self, kind: str) -> list[Path]:
-        """The input files of kind "diffusers" | "sd" | "ckpt"."""
-        if kind == "diffusers":
+        """The input files of kind "diffusers" | "sd" | "ckpt" (| "verify", "reference", "reference_sd")."""
+        if kind in ("diffusers", "reference"):
             return self.weight_files()
-        return [{"sd": self.sd, "ckpt": self.ckpt, "verify": self.ckpt}[kind]]
+        return [{"sd": self.sd, "ckpt": self.ckpt, "verify": self.ckpt, "reference_sd": self.sd}[kind]]
 
     def size(self, kind: str) -> int:
         return sum(p.stat().st_size for p in self.files(kind))

@@ -212,11 +212,12 @@ def evaluate_targets(scales: dict[str, dict]) -> list[dict]:
         case = by_key[key]
         if case.target_ratio is not None:
             value = s.get("ratio_to_copy")
+            against = "plain copy" if by_key[case.reference].kind == "copy" else f"the {case.reference} run"
             results.append(
                 {
                     "scale": scale,
                     "case": key,
-                    "what": f"wall <= {case.target_ratio}x plain copy",
+                    "what": f"wall <= {case.target_ratio}x {against}",
                     "value": value,
                     "limit": case.target_ratio,
                     "met": None if value is None or scale != "full" else value <= case.target_ratio,

@@ -14,7 +14,7 @@ import pytest
 
 from bench import commands, pagecache
 from bench.__main__ import main as bench_main
-from bench.cases import DEFAULT_KEYS
+from bench.cases import CHECK_RSS_TARGET, DEFAULT_KEYS, VERIFY_TARGET, select
 from bench.procmem import run_measured
 from bench.tables import TABLE_COLUMNS
 
@@ -33,6 +33,33 @@ def test_cap_kills_runaway_command(tmp_path):
     code = f"import time; b = bytearray({ALLOC}); b[::4096] = b'x' * len(b[::4096]); time.sleep(5)"
     m = run_measured([sys.executable, "-c", code], log_dir=tmp_path, cap_bytes=ALLOC // 2)
     assert m.exceeded_cap and not m.ok and m.wall_s < 5
+
+
+def test_verify_is_timed_against_the_reference_run():
+    """--verify adds the torch reference and verify; verify's ratio pairs it with the same round's reference run
+    and both are judged on peak RSS (full size only)."""
+    from bench.runner import add_ratios, evaluate_targets
+
+    assert [c.key for c in select(None, with_verify=True)][-2:] == ["reference", "verify"]
+    by_key = {c.key: c for c in select(["reference", "verify"], with_verify=False)}
+    summaries = {
+        "reference": {"reference": None, "runs": [{"rep": 0, "ok": True, "wall_s": 40.0}], "wall_median": 40.0},
+        "verify": {
+            "reference": by_key["verify"].reference,
+            "runs": [{"rep": 0, "ok": True, "wall_s": 50.0}],
+            "wall_median": 50.0,
+        },
+    }
+    add_ratios(summaries)
+    assert summaries["verify"]["ratio_to_copy"] == pytest.approx(1.25)
+    for s, peak in zip(summaries.values(), (11e9, 13e9)):
+        s.update(status="ok", peak_rss=peak)
+    targets = {(t["case"], t["what"]): t["met"] for t in evaluate_targets({"full": {"cases": summaries}})}
+    assert targets == {
+        ("reference", f"peak RSS < {CHECK_RSS_TARGET / 1e9:g} GB"): True,
+        ("verify", f"wall <= {VERIFY_TARGET}x the reference run"): False,
+        ("verify", f"peak RSS < {CHECK_RSS_TARGET / 1e9:g} GB"): False,
+    }
 
 
 def _fs_type(path: Path) -> str:
@@ -76,6 +103,7 @@ def test_command_lines_use_existing_options(tmp_path):
         commands.ms_to_st(p, p),
         commands.sd_to_diffusers(p, p),
         commands.reference(p, p, "full"),
+        commands.reference(p, p, "full", config=p),
         commands.verify(p, p, p),
         commands.lora_merge(p, p, p),
     ]

@@ -81,6 +81,7 @@ class LoadedPipeline:
     # the model's own scheduler_config.json: the pipeline instantiates model_index's scheduler class from it,
     # which for an EDM model (a folder saying EulerDiscreteScheduler) loses what the config says
     scheduler_config: dict[str, Any] = field(default_factory=dict)
+    deferred: Any = None  # DeferredUNet: the UNet is empty until the text encoders are done (phased loading)
 
 
 def _read_scheduler(folder: Path, pipe: Any) -> dict[str, Any]:
@@ -301,23 +302,35 @@ def attach_cond_proj(pipe: Any, src: Path, cond_dim: int) -> None:
 
 
 def load_pipeline(
-    src: str | Path, unet_dir: str | Path | None = None, config_dir: str | Path | None = None
+    src: str | Path, unet_dir: str | Path | None = None, config_dir: str | Path | None = None, phased: bool = False
 ) -> LoadedPipeline:
-    """diffusers' SDXL pipeline (txt2img, or img2img for a refiner) in float32 on the CPU, offline."""
+    """diffusers' SDXL pipeline (txt2img, or img2img for a refiner) in float32 on the CPU, offline.
+
+    ``phased``: the UNet is left empty (``LoadedPipeline.deferred``) to be filled after ``encode_prompt``, once the
+    text encoders are released (``reference.deferred``); otherwise every component is loaded now.
+    """
     import torch
+
+    from sdxl_ckpt.reference import deferred as deferral
 
     src = Path(src)
     unet_dir = Path(unet_dir) if unet_dir is not None else None
-    unet = load_unet(unet_dir) if unet_dir is not None else None
-    extra = {"unet": unet} if unet is not None else {}
+    later = deferral.folder_unet(unet_dir, _weights_variant(unet_dir)) if phased and unet_dir else None
+    unet = load_unet(unet_dir) if unet_dir is not None and later is None else None
+    extra = {"unet": later.unet if later is not None else unet} if unet_dir is not None else {}
     with quiet_libraries():
         if src.is_dir():
             refiner = _is_refiner_folder(src)
             variant = _folder_variant(src, unet_dir)
+            weights = _weights_variant(src / "unet")
+            if phased and later is None:
+                later = deferral.folder_unet(src / "unet", weights)
+                extra = {"unet": later.unet}
             pipe = _pipeline_class(variant).from_pretrained(
-                src, torch_dtype=torch.float32, local_files_only=True, variant=_weights_variant(src / "unet"), **extra
+                src, torch_dtype=torch.float32, local_files_only=True, variant=weights, **extra
             )
-            return LoadedPipeline(pipe, refiner, "folder", {}, variant, _read_scheduler(src, pipe))
+            scheduler = _read_scheduler(src, pipe)
+            return LoadedPipeline(pipe, refiner, "folder", {}, variant, scheduler, later)
         if not src.is_file():
             raise InputError("source not found (expected a diffusers folder or an SD .safetensors file)", path=src)
         from sdxl_ckpt.formats.safetensors_io import read_safetensors
@@ -338,13 +351,18 @@ def load_pipeline(
                 unet_config = _json_config(Path(tmp) / "unet" / "config.json")
                 unet_config |= {"time_cond_proj_dim": cond_dim} if cond_dim is not None else {}
             variant = _file_variant(refiner, unet_config, shapes, metadata, src)
+            if phased and later is None:
+                config = json.loads((Path(tmp) / "unet" / "config.json").read_text())
+                with contextlib.suppress(deferral.NotRenaming):  # then diffusers loads the whole UNet itself
+                    later = deferral.single_file_unet(src, config, int(cond_dim) if cond_dim is not None else None)
+                    extra = {"unet": later.unet}
             pipe = _pipeline_class(variant).from_single_file(
                 str(src), config=tmp, local_files_only=True, torch_dtype=torch.float32, **extra
             )
             scheduler = _read_scheduler(Path(tmp), pipe)
-        if cond_dim is not None and unet is None:
+        if cond_dim is not None and unet_dir is None and later is None:
             attach_cond_proj(pipe, src, int(cond_dim))
-        return LoadedPipeline(pipe, refiner, "single_file", metadata, variant, scheduler)
+        return LoadedPipeline(pipe, refiner, "single_file", metadata, variant, scheduler, later)
 
 
 def load_lora(pipe: Any, lora: str | Path, scale: float) -> dict[str, Any]:

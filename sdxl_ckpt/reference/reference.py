@@ -143,14 +143,16 @@ def _load(
     width: int | None,
     lora: Any = None,
     lora_scale: float = 1.0,
+    phased: bool = True,
 ) -> _Run:
     """The pipeline (with the LoRA loaded, if any) and our sampler's scheduler, and the image size (default: the
-    UNet's native size)."""
+    UNet's native size). ``phased`` (without a LoRA, which is injected into the loaded UNet): the UNet is filled
+    only after the prompt is encoded and the text encoders are released."""
     from sdxl_ckpt.reference.pipeline import configure_scheduler, load_lora, load_pipeline, quiet_libraries
 
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
-    loaded = load_pipeline(src, unet, config_dir)
+    loaded = load_pipeline(src, unet, config_dir, phased=phased and lora is None)
     pipe = loaded.pipe
     lora_meta = load_lora(pipe, lora, lora_scale) if lora is not None else None
     pipe.set_progress_bar_config(disable=True)
@@ -241,6 +243,7 @@ def _run_recorded(run: _Run) -> Any:
     import torch
 
     from sdxl_ckpt.reference.capture import Recording, legacy_step_callback, record, step_callback
+    from sdxl_ckpt.reference.deferred import fill_after_encoding
     from sdxl_ckpt.reference.pipeline import quiet_libraries, sigmas_of
 
     pipe, variant = run.loaded.pipe, run.loaded.variant
@@ -249,7 +252,7 @@ def _run_recorded(run: _Run) -> Any:
         callbacks: dict[str, Any] = {"callback": legacy_step_callback(rec), "callback_steps": 1}
     else:
         callbacks = {"callback_on_step_end": step_callback(rec), "callback_on_step_end_tensor_inputs": ["latents"]}
-    with quiet_libraries(), record(pipe, rec), torch.no_grad():
+    with quiet_libraries(), record(pipe, rec), fill_after_encoding(pipe, run.loaded.deferred), torch.no_grad():
         out = pipe(**run.call, **callbacks)
     if rec.add_noise:  # img2img (refiner, inpainting below strength 1): the noise actually added, and to what
         run.arrays["noise"] = rec.add_noise["noise"]
@@ -367,18 +370,20 @@ def make_reference(
     lora: str | os.PathLike | None = None,
     lora_scale: float = 1.0,
     image_guidance: float = 1.5,
+    phased: bool = True,
 ) -> Reference:
     """Run the pipeline with recording hooks and return the reference (arrays + metadata), in memory.
 
     The steps: load the pipeline with our sampler's scheduler, prepare its inputs from the seed, run it once
     with the hooks, then store what it computed together with everything needed to repeat it.
-    ``strength`` None: the variant's default (refiner 0.5, inpainting 1.0 = from pure noise).
+    ``strength`` None: the variant's default (refiner 0.5, inpainting 1.0 = from pure noise). ``phased``: the
+    text encoders are freed before the UNet is filled (same arrays; one model in memory at a time).
     """
     from sdxl_ckpt.reference.pipeline import require_torch
 
     require_torch()
     src, sampler = Path(src), reference_sampler(sampler)
-    run = _load(src, unet, config_dir, sampler, steps, height, width, lora, lora_scale)
+    run = _load(src, unet, config_dir, sampler, steps, height, width, lora, lora_scale, phased)
     if strength is None:
         strength = DEFAULT_STRENGTH.get(run.loaded.variant, 0.5)
     _prepare_inputs(run, prompt, negative_prompt, steps, seed, guidance, strength, image_guidance)

@@ -6,7 +6,8 @@ The runtime's parameter names ARE the MindSpore keymap names, so loading is a ch
    differs -> KeyMismatchError naming them, before a single tensor is read;
 3. read one tensor at a time in file order, cast it explicitly to its parameter's dtype, hand it over, drop it.
 The network's parameters are created lazily (nothing allocated before their fill), so peak memory is the network
-plus one tensor: a full-size fp32 base (about 14 GB of weights) fits a 24 GB machine.
+plus one tensor. Step 3 can also run per component (``fill``): the check of step 2 still covers the whole file,
+but only the components of the current phase need to be filled (see ``SDXLRuntime`` ``phased``).
 
 Accepted files: a MindSpore ``.ckpt`` (scanned by ``sdxl_ckpt.formats.ckpt_io.scan_ckpt``) and a safetensors
 file holding MindSpore names (what ``st-to-ms --format safetensors`` writes).
@@ -71,6 +72,22 @@ def read_entries(path: str | os.PathLike) -> tuple[list[TensorEntry], dict[str, 
     return list(scan_ckpt(path).entries), {}
 
 
+def return_freed_memory() -> None:
+    """Collect released cells now and hand the freed heap pages back to the OS (glibc keeps them otherwise).
+
+    Parameters of a few MB live in malloc's heap, not in their own maps: without ``malloc_trim`` the memory of a
+    released component stays in this process's RSS although the next component would reuse it only in part.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _named(keys: Sequence[str]) -> str:
     shown = ", ".join(sorted(keys)[:MAX_NAMED])
     more = len(keys) - MAX_NAMED
@@ -124,14 +141,19 @@ def check_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = N
     return wanted, skipped
 
 
-def load_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = None, quiet: bool = True) -> LoadReport:
-    """Check, then fill ``net`` from ``entries`` one tensor at a time (each cast to its parameter's dtype)."""
+def fill(
+    net: SDXLNet, wanted: Sequence[TensorEntry], report: LoadReport, components: Iterable[str], quiet: bool = True
+) -> None:
+    """Fill the parameters of ``components`` from their entries in ``wanted`` (already checked), one tensor at a time.
+
+    Only one tensor's conversions are alive at a time; the file's mapped bytes are dropped after each tensor.
+    """
     start = time.perf_counter()
-    wanted, skipped = check_entries(net, entries, path)
+    chosen = set(components)
+    todo = [e for e in wanted if component_of(e.name) in chosen]
     params = net.named_params()
-    report = LoadReport(str(path), net.components, skipped=skipped)
-    with byte_bar(sum(e.nbytes for e in wanted), "loading", quiet) as bar:
-        for entry in wanted:
+    with byte_bar(sum(e.nbytes for e in todo), "loading", quiet) as bar:
+        for entry in todo:
             param = params[entry.name]
             array = entry.load()
             target = np.float16 if str(param.dtype) == "Float16" else np.float32
@@ -142,5 +164,13 @@ def load_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = No
             report.bytes += entry.nbytes
             report.source_dtypes[entry.dtype] = report.source_dtypes.get(entry.dtype, 0) + 1
             bar.update(entry.nbytes)
-    report.seconds = time.perf_counter() - start
+    report.seconds += time.perf_counter() - start
+
+
+def load_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = None, quiet: bool = True) -> LoadReport:
+    """Check, then fill ``net`` from ``entries`` one tensor at a time (each cast to its parameter's dtype)."""
+    start = time.perf_counter()
+    wanted, skipped = check_entries(net, entries, path)
+    report = LoadReport(str(path), net.components, skipped=skipped, seconds=time.perf_counter() - start)
+    fill(net, wanted, report, net.components, quiet)
     return report

@@ -1,11 +1,13 @@
 """``sdxl-ckpt verify``: run the MindSpore runtime on the reference's inputs and compare, stage by stage, in order.
 
-No torch here. The network is built from the component configs stored in the reference, the checkpoint is loaded
-with the runtime's strict loader, and the MindSpore side gets only what a user of the ckpt would have: token ids,
-size/crop scalars, the initial noise (and, for img2img, the init image; for LCM the between-step noise; for
-inpainting the image and mask, for instruct-pix2pix the image, from which OUR VAE encoder makes the extra UNet
-input channels). Every later stage is computed from OUR earlier results, except ``unet.first``, which feeds the
-reference's own UNet inputs so a UNet fault is told apart from a conditioning fault.
+No torch here. The network is built from the component configs stored in the reference, the checkpoint is checked
+whole by the runtime's strict loader and filled in phases (the text encoders for the text stages, released before
+the UNet and the VAE are filled for the rest: the stage order is the phase order), and the MindSpore side gets
+only what a user of the ckpt would have: token ids, size/crop scalars, the initial noise (and, for img2img, the
+init image; for LCM the between-step noise; for inpainting the image and mask, for instruct-pix2pix the image,
+from which OUR VAE encoder makes the extra UNet input channels). Every later stage is computed from OUR earlier
+results, except ``unet.first``, which feeds the reference's own UNet inputs so a UNet fault is told apart from a
+conditioning fault.
 
 The stage table (``STAGES``) is data: name, which reference array, how the MindSpore side computes it.
 """
@@ -489,7 +491,8 @@ def verify_checkpoint(
     fail_fast: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> VerifyReport:
-    """Load ``ckpt`` strictly into a runtime built from ``ref``'s configs and judge every stage.
+    """Check ``ckpt`` strictly against a runtime built from ``ref``'s configs, then judge every stage, filling the
+    runtime's components phase by phase as the stages need them.
 
     ``fail_fast``: stop at the first failing stage (the later ones are not computed, nor reported).
     """
@@ -508,12 +511,13 @@ def verify_checkpoint(
     tol = Tolerances(dtype, {**floor, **(overrides or {})})
     start = time.perf_counter()
     try:
-        rt = SDXLRuntime.from_checkpoint(ckpt, runtime_config(ref), device=device, dtype=dtype, quiet=quiet)
+        rt = SDXLRuntime.from_checkpoint(
+            ckpt, runtime_config(ref), device=device, dtype=dtype, quiet=quiet, phased=True
+        )
     except KeyMismatchError as err:  # the usual cause: a ckpt of another variant than the reference's model
         raise KeyMismatchError(
             f"checkpoint does not fit the {ref.meta.get('variant')} model the reference was made with: {err}"
         ) from None
-    loaded = time.perf_counter() - start
     from sdxl_ckpt.sdxl_runtime.loader import read_entries
 
     markers = marker_values(read_entries(ckpt)[0])  # headers, then only the few marker tensors
@@ -551,7 +555,8 @@ def verify_checkpoint(
         "device": device,
         "dtype": dtype,
         "steps_run": len(ref["timesteps"]),
-        "load_seconds": round(loaded, 3),
+        "load_seconds": round(rt.load_seconds, 3),
+        "load_phases": rt.phase_log,
         "total_seconds": round(time.perf_counter() - start, 3),
         "runtime_notes": rt.notes,
         "checkpoint_markers": sorted(markers),
