@@ -93,7 +93,12 @@ def test_fp16_compute_path_stays_close_to_fp32() -> None:
     cfg = tiny_runtime_config("base")
     cfg = replace(
         cfg,
-        unet=replace(cfg.unet, transformer_depth=(1, 1, 1), transformer_depth_up=(1, 1, 1), transformer_depth_middle=1),
+        unet=replace(
+            cfg.unet,
+            transformer_depth=((1, 1),) * 3,  # per level, per layer (2 resnets down, 3 up)
+            transformer_depth_up=((1, 1, 1),) * 3,
+            transformer_depth_middle=1,
+        ),
         clip_l=replace(cfg.clip_l, num_layers=2),
         openclip=replace(cfg.openclip, num_layers=2),
     )
@@ -125,7 +130,8 @@ def test_components_subset_builds_only_those() -> None:
 def test_preset_numbers_are_sdxl() -> None:
     base, refiner = C.preset("base"), C.preset("refiner")
     assert (base.unet.context_dim, base.unet.adm_in_channels, base.context_dim) == (2048, 2816, 2048)
-    assert base.unet.transformer_depth == (1, 2, 10) and base.unet.transformer_depth_middle == 10
+    assert base.unet.transformer_depth == ((1, 1), (2, 2), (10, 10)) and base.unet.transformer_depth_middle == 10
+    assert base.unet.transformer_depth_up == ((1, 1, 1), (2, 2, 2), (10, 10, 10))
     assert base.unet.num_heads == (5, 10, 20) and base.unet.attention == (False, True, True)
     assert (refiner.unet.context_dim, refiner.unet.adm_in_channels, refiner.is_refiner) == (1280, 2560, True)
     assert refiner.unet.attention == refiner.unet.attention_up == (False, True, True, False)
@@ -150,7 +156,6 @@ def test_from_metadata_reads_json_configs() -> None:
 @pytest.mark.parametrize(
     "key,value",
     [
-        ("use_linear_projection", False),
         ("mid_block_type", "UNetMidBlock2D"),
         ("addition_embed_type", "text"),
         ("flip_sin_to_cos", False),
