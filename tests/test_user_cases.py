@@ -282,12 +282,16 @@ def test_unknown_stage_and_sampler_names_are_errors(files, tmp_path):
 
 
 def test_stage_names_accepted_by_rtol_override_cover_every_stage():
+    from sdxl_ckpt.formats.reference_npz import Reference
     from sdxl_ckpt.verify.verify import check_override_names, resolve_sampler, stages_for
 
-    for refiner in (False, True):
-        for cond_proj in (False, True):
-            names = [s.name for s in stages_for({"timesteps": np.zeros(3)}, refiner, cond_proj)]
-            check_override_names(dict.fromkeys(names, 1.0))
+    arrays = {"timesteps": np.zeros(3), "init_latent": np.zeros(1)}  # init_latent: inpainting below strength 1
+    for variant in ("base", "inpaint", "pix2pix"):
+        for refiner in (False, True):
+            for cond_proj in (False, True):
+                ref = Reference(arrays, {"variant": variant})
+                names = [s.name for s in stages_for(ref, refiner, cond_proj)]
+                check_override_names(dict.fromkeys(names, 1.0))
     assert resolve_sampler("DPMPP_2M") == "dpmpp_2m" and resolve_sampler("dpmpp-2m") == "dpmpp_2m"
 
 
