@@ -86,15 +86,10 @@ class LoadedPipeline:
 
 def _read_scheduler(folder: Path, pipe: Any) -> dict[str, Any]:
     """``folder/scheduler/scheduler_config.json`` as written (its ``_class_name`` included), else the pipeline's."""
-    path = folder / "scheduler" / "scheduler_config.json"
-    if path.is_file():
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise InputError("scheduler config is not valid JSON", path=path) from None
-        if isinstance(config, dict):
-            return config
-    return {**dict(pipe.scheduler.config), "_class_name": type(pipe.scheduler).__name__}
+    from sdxl_ckpt.formats.diffusers_folder import read_scheduler_config
+
+    own = {**dict(pipe.scheduler.config), "_class_name": type(pipe.scheduler).__name__}
+    return read_scheduler_config(folder) or own
 
 
 def _weights_variant(component: Path) -> str | None:
@@ -136,15 +131,10 @@ def _pipeline_class(variant: str) -> Any:
 
 
 def _json_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError("config.json not found", path=path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"not a readable JSON config ({exc.__class__.__name__})", path=path) from None
-    if not isinstance(data, dict):
-        raise InputError("config is not a JSON object", path=path)
-    return data
+    """A component's ``config.json``, read as every converter reads it (one line naming the file when it is bad)."""
+    from sdxl_ckpt.formats.diffusers_folder import read_config
+
+    return read_config(path.parent)[0]
 
 
 def _folder_variant(folder: Path, unet_dir: Path | None) -> str:
