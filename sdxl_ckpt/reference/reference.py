@@ -128,7 +128,6 @@ class _Run:
     height: int
     width: int
     lora: dict[str, Any] | None = None  # what ``load_lora`` applied, for the metadata
-    original_scheduler: dict[str, Any] = field(default_factory=dict)  # the model's own scheduler config
     call: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -156,17 +155,16 @@ def _load(
     pipe = loaded.pipe
     lora_meta = load_lora(pipe, lora, lora_scale) if lora is not None else None
     pipe.set_progress_bar_config(disable=True)
-    original = loaded.scheduler_config
     with quiet_libraries():
-        scheduler, explicit_timesteps, schedule_note = configure_scheduler(pipe, sampler, steps, original)
+        scheduler, explicit_timesteps, schedule_note = configure_scheduler(
+            pipe, sampler, steps, loaded.scheduler_config
+        )
     scale = pipe.vae_scale_factor
     native = pipe.unet.config.sample_size * scale  # the img2img pipeline has no default_sample_size
     height, width = height or native, width or native
     if height % scale or width % scale:
         raise InputError(f"--height and --width must be multiples of {scale}, got {height}x{width}")
-    return _Run(
-        loaded, scheduler, explicit_timesteps, schedule_note, height, width, lora_meta, original_scheduler=original
-    )
+    return _Run(loaded, scheduler, explicit_timesteps, schedule_note, height, width, lora_meta)
 
 
 def _prepare_inputs(
