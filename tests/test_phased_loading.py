@@ -1,5 +1,6 @@
-"""One model phase in memory at a time: verify's runtime and the torch reference free the text encoders before
-their UNet is filled, still check every key of the file, and compute the same numbers as loading everything.
+"""One model phase in memory at a time: verify's runtime frees the text encoders before the UNet is filled and the
+UNet before the VAE is; the torch reference frees the text encoders before its UNet is filled. Both still check
+every key of the file, and compute the same numbers as loading everything.
 """
 
 from __future__ import annotations
@@ -25,20 +26,20 @@ def base_case(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return vs.base_case(tiny_base, tmp_path_factory)
 
 
-def _watch_fills(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """Record each component fill of the runtime as (component, conditioner cell still alive at that moment)."""
+def _watch_fills(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
+    """Record each component fill of the runtime as (component, the filled component cells still alive then)."""
     from sdxl_ckpt.sdxl_runtime import api
+    from sdxl_ckpt.sdxl_runtime.model import CELL_ATTRIBUTES
 
-    events: list[tuple[str, bool]] = []
-    cells: list[weakref.ref] = []
+    events: list[tuple[str, list[str]]] = []
+    cells: dict[str, weakref.ref] = {}
     real_fill = api.fill
 
     def fill(net, wanted, report, components, quiet=True):
         (component,) = components
-        events.append((component, any(ref() is not None for ref in cells)))
+        events.append((component, sorted(name for name, ref in cells.items() if ref() is not None)))
         real_fill(net, wanted, report, components, quiet)
-        if component == "conditioner":
-            cells.append(weakref.ref(net.conditioner))
+        cells[component] = weakref.ref(getattr(net, CELL_ATTRIBUTES[component]))
 
     monkeypatch.setattr(api, "fill", fill)
     return events
@@ -51,9 +52,15 @@ def test_verify_frees_the_text_encoders_before_the_unet_is_filled(base_case, mon
     events = _watch_fills(monkeypatch)
     report = verify_checkpoint(ckpt, load_reference(ref))
     assert report.passed, report.first_failure
-    assert report.context["load_phases"] == ["fill conditioner", "release conditioner", "fill unet", "fill vae"]
-    # the conditioner cell (and so its parameters) is gone, not merely dropped from the net, when the UNet fills
-    assert events == [("conditioner", False), ("unet", False), ("vae", False)]
+    assert report.context["load_phases"] == [
+        "fill conditioner",
+        "release conditioner",
+        "fill unet",
+        "release unet",
+        "fill vae",
+    ]
+    # each phase's cells (and so their parameters) are gone, not merely dropped from the net, when the next fills
+    assert events == [("conditioner", []), ("unet", []), ("vae", [])]
 
 
 def test_a_key_missing_from_the_unet_is_named_before_anything_is_filled(base_case, tmp_path, monkeypatch):

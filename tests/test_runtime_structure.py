@@ -235,7 +235,16 @@ def _conv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pa
 
 
 @pytest.mark.parametrize(
-    "kernel,stride,pad,chunk", [(3, 1, 1, None), (3, 2, 1, None), (3, 2, 0, None), (1, 1, 0, None), (3, 1, 1, 4096)]
+    "kernel,stride,pad,chunk",
+    [
+        (3, 1, 1, None),
+        (3, 2, 1, None),
+        (3, 2, 0, None),
+        (1, 1, 0, None),
+        (3, 1, 1, 4096),
+        (3, 2, 1, 2048),
+        (3, 2, 0, 1),
+    ],
 )
 def test_cpu_convolution_equals_the_definition(
     monkeypatch: pytest.MonkeyPatch, kernel: int, stride: int, pad: int, chunk: int | None

@@ -71,7 +71,7 @@ def _assert_all_within(report: dict, steps: int, *expected: str) -> list[str]:
     assert report["passed"] and report["first_failure"] is None, report["first_failure"]
     names = [s["stage"] for s in report["stages"]]
     assert [f"step {i}/{steps}" for i in range(1, steps + 1)] == [n for n in names if n.startswith("step")]
-    assert names[-3:] == ["final_latent", "decoded", "image"]
+    assert names[-4:] == ["final_latent", "vae.decode", "decoded", "image"]
     for name in ("unet.first", "vae.decode", "context", "y", *expected):
         assert name in names, name
     for s in report["stages"]:

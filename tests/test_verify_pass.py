@@ -39,7 +39,7 @@ def assert_all_within(report: dict, sampler: str, steps: int) -> None:
     assert report["sampler"] == sampler and report["steps_run"] == steps
     names = [s["stage"] for s in report["stages"]]
     assert [f"step {i}/{steps}" for i in range(1, steps + 1)] == [n for n in names if n.startswith("step")]
-    assert names[-3:] == ["final_latent", "decoded", "image"] and "unet.first" in names and "y" in names
+    assert names[-4:] == ["final_latent", "vae.decode", "decoded", "image"] and "unet.first" in names and "y" in names
     for s in report["stages"]:
         assert s["rel_l2"] <= 1e-4 and s["cosine"] > 0.99999, s
     image = report["stages"][-1]

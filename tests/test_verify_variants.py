@@ -79,7 +79,7 @@ def assert_passes(report: dict, steps: int = STEPS, floor: float | None = None) 
     (zero terminal SNR: the first step cancels a sample of magnitude ~4096)."""
     assert report["passed"], report["first_failure"]
     names = [s["stage"] for s in report["stages"]]
-    assert names[0] == "schedule" and names[-3:] == ["final_latent", "decoded", "image"]
+    assert names[0] == "schedule" and names[-4:] == ["final_latent", "vae.decode", "decoded", "image"]
     assert [n for n in names if n.startswith("step")] == [f"step {i}/{steps}" for i in range(1, steps + 1)]
     chain = set(report["tolerances"]["chain_floor"])
     assert (floor is not None) == bool(chain)

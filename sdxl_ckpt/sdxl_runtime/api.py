@@ -12,9 +12,11 @@ All outputs are float32 numpy arrays whatever the compute dtype. The sampling ma
 guidance, samplers) lives in ``sdxl_runtime.sampling`` and calls ``unet``.
 
 ``from_checkpoint(..., phased=True)`` checks the whole file at once but fills components only when first used,
-one phase at a time (``PHASES``): the text encoders, then the UNet with the VAE. Entering a phase releases the
-components of the other one, so a full-size fp32 base never holds its 3.3 GB of text encoders next to its
-10.3 GB UNet. A released component is filled again if it is used again.
+one phase at a time (``PHASES``): the text encoders, the UNet, the VAE. Entering a phase releases the
+components of the others, so a full-size fp32 base never holds its 3.3 GB of text encoders next to its 10.3 GB
+UNet, nor the VAE's weights and its decoder's activations (about 1 GB at 256x256) next to the UNet. A released
+component is filled again if it is used again (the img2img kinds encode with the VAE before sampling and decode
+after it: the 0.3 GB VAE is filled twice).
 """
 
 from __future__ import annotations
@@ -45,9 +47,8 @@ from sdxl_ckpt.sdxl_runtime.model import ALL_COMPONENTS, SDXLNet
 from sdxl_ckpt.sdxl_runtime.unet import guidance_scale_embedding
 
 LOGIT_SCALE_SUFFIX = "model.logit_scale"
-# phased loading: the text encoders are done before the UNet runs; the small VAE shares the UNet's phase (the
-# refiner's img2img encodes before sampling, every model decodes after it)
-PHASES = {"conditioner": 0, "unet": 1, "vae": 1}
+# phased loading: the text encoders are done before the UNet runs, the UNet before the VAE decodes
+PHASES = {"conditioner": 0, "unet": 1, "vae": 2}
 
 
 def fit_optional_parts(config: SDXLConfig, entries: Sequence[TensorEntry]) -> tuple[SDXLConfig, list[str]]:

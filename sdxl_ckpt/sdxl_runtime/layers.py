@@ -30,9 +30,11 @@ IM2COL_CHUNK_BYTES = 256 * 1024 * 1024  # largest unfolded input built at once (
 class Conv2d(nn.Cell):
     """A Conv2d with bias (``weight`` [O, C, k, k], ``bias`` [O]) and symmetric zero padding.
 
-    MindSpore's CPU Conv2D kernel runs at about 0.2 GFLOP/s (a full-size UNet evaluation would take hours), its
-    MatMul at tens of GFLOP/s: on CPU the convolution is computed as unfold (im2col) + MatMul, in row chunks so
-    the unfolded input stays under ``IM2COL_CHUNK_BYTES``. GPU / Ascend use the native kernel.
+    MindSpore's CPU Conv2D kernel runs at about 0.5 GFLOP/s (a full-size UNet evaluation would take hours), its
+    MatMul at tens of GFLOP/s: on CPU the convolution is computed as unfold (im2col) + MatMul, in bands of output
+    rows so the unfolded input stays under ``IM2COL_CHUNK_BYTES``. MindSpore's own ``unfold`` kernel builds the
+    columns (about 5x faster than stacking the k*k shifted windows with slices; the results are bit-identical).
+    GPU / Ascend use the native kernel.
     """
 
     def __init__(
@@ -61,25 +63,29 @@ class Conv2d(nn.Cell):
         b, c, h, w = x.shape
         o = self.weight.shape[0]
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-        weight = self.weight.reshape(o, c * k * k)
-        bias = self.bias.reshape(1, o, 1)
+        weight = self.weight.view(o, c * k * k)  # a view: reshape would copy the weight on every call
         if k == 1 and s == 1 and p == 0:
-            return (ops.matmul(weight, x.reshape(b, c, h * w)) + bias).reshape(b, o, h, w)
-        if p:
-            x = ops.pad(x, (p, p, p, p))
+            return self._matmul(weight, x.reshape(b, c, h * w)).reshape(b, o, h, w)
         row_bytes = b * c * k * k * wo * x.itemsize
         rows = max(1, min(ho, IM2COL_CHUNK_BYTES // max(row_bytes, 1)))
+        if rows == ho:
+            cols = ops.unfold(x, kernel_size=k, padding=p, stride=s)  # [B, C*k*k, Ho*Wo], channel-major
+            return self._matmul(weight, cols).reshape(b, o, ho, wo)
+        if p:
+            x = ops.pad(x, (p, p, p, p))
         outs = []
         for r0 in range(0, ho, rows):
             r1 = min(ho, r0 + rows)
-            taps = [
-                x[:, :, r0 * s + i : (r1 - 1) * s + i + 1 : s, j : (wo - 1) * s + j + 1 : s]
-                for i in range(k)
-                for j in range(k)
-            ]
-            cols = ops.stack(taps, axis=2).reshape(b, c * k * k, (r1 - r0) * wo)  # [B, C*k*k, rows*Wo]
-            outs.append((ops.matmul(weight, cols) + bias).reshape(b, o, r1 - r0, wo))
-        return outs[0] if len(outs) == 1 else ops.cat(outs, axis=2)
+            cols = ops.unfold(x[:, :, r0 * s : (r1 - 1) * s + k], kernel_size=k, stride=s)  # one band's input rows
+            outs.append(self._matmul(weight, cols).reshape(b, o, r1 - r0, wo))
+        return ops.cat(outs, axis=2)
+
+    def _matmul(self, weight: Tensor, cols: Tensor) -> Tensor:
+        """[O, C*k*k] x [B, C*k*k, L] + bias -> [B, O, L], one 2-D MatMul per image: the batched form broadcasts
+        the weight to every image first (a copy of up to 118 MB per call in the UNet) and runs 1.5-5x slower."""
+        bias = self.bias.view(-1, 1)
+        outs = [ops.matmul(weight, cols[i]) + bias for i in range(cols.shape[0])]
+        return outs[0].expand_dims(0) if len(outs) == 1 else ops.stack(outs)
 
 
 def conv2d(in_channels: int, out_channels: int, kernel: int, rt: Runtime, stride: int = 1, padding: int = 0) -> Conv2d:
@@ -124,10 +130,15 @@ class Embedding(nn.Cell):
 
 
 class GELU(nn.Cell):
-    """The exact (erf) GELU of torch.nn.GELU() / OpenCLIP; MindSpore's nn.GELU defaults to the tanh form."""
+    """The exact (erf) GELU of torch.nn.GELU() / OpenCLIP; MindSpore's nn.GELU defaults to the tanh form.
+
+    Written out as ``x / 2 * (1 + erf(x / sqrt 2))``: as accurate as ``ops.gelu(approximate="none")`` (both
+    3e-8 relative L2 from the float64 value, torch's 7e-8) and twice as fast on MindSpore's CPU backend, where
+    that kernel took 2.2 s of a 20 s full-size UNet evaluation.
+    """
 
     def construct(self, x: Tensor) -> Tensor:
-        return ops.gelu(x, approximate="none")
+        return x * 0.5 * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 class QuickGELU(nn.Cell):

@@ -40,6 +40,7 @@ class StageResult:
     levels_mean: float | None = None
     psnr: float | None = None
     note: str = ""
+    seconds: float | None = None  # computing our side, the loading phase it entered included
 
     def row(self) -> dict[str, Any]:
         """The report row; infinities (a stage not computed, identical images' PSNR) become None for strict JSON."""
@@ -59,6 +60,7 @@ class StageResult:
             "psnr": finite(self.psnr),
             "ok": "ok" if self.passed else "FAIL",
             "note": self.note,
+            "seconds": None if self.seconds is None else round(self.seconds, 3),
         }
 
 

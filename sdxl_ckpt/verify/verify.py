@@ -2,7 +2,8 @@
 
 No torch here. The network is built from the component configs stored in the reference, the checkpoint is checked
 whole by the runtime's strict loader and filled in phases (the text encoders for the text stages, released before
-the UNet and the VAE are filled for the rest: the stage order is the phase order), and the MindSpore side gets
+the UNet is filled for the UNet stages, released before the VAE decodes: the stage order is the phase order), and
+the MindSpore side gets
 only what a user of the ckpt would have: token ids, size/crop scalars, the initial noise (and, for img2img, the
 init image; for LCM the between-step noise; for inpainting the image and mask, for instruct-pix2pix the image,
 from which OUR VAE encoder makes the extra UNet input channels). Every later stage is computed from OUR earlier
@@ -375,8 +376,10 @@ def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
     """The ordered stage table for this reference.
 
     First each component on the reference's own inputs (text encoders, context and y, VAE encoder, one UNet
-    evaluation, VAE decoder), so a fault is pinned to its component; then the chain a user runs, each stage from
-    our previous results: every step's sample, the final latent, its decoding, the image.
+    evaluation), so a fault is pinned to its component; then the chain a user runs, each stage from our previous
+    results: every step's sample, the final latent. The VAE decoder on the reference's own final latent comes
+    next, before our latent's decoding and the image: a VAE fault still fails at ``vae.decode`` first, and the
+    decoder runs only once the UNet is done (phased loading never holds both).
     """
     get = lambda key: lambda ss: ss.ref[key]  # noqa: E731
     table = [Stage("schedule", "sigmas", get("sigmas"), lambda ss: ss.schedule.sigmas)]
@@ -396,13 +399,13 @@ def stages_for(ref: Reference, refiner: bool, cond_proj: bool) -> list[Stage]:
         table.append(Stage("vae_encode", "init_latent", get("init_latent"), lambda ss: ss.init_latent))
     table += _input_stages(ref)
     table.append(Stage("unet.first", "unet_out", get("unet_out"), _unet_first))
-    table.append(Stage("vae.decode", "decoded", get("decoded"), _decode_ref))
     n = len(ref["timesteps"])
     table += [
         Stage(f"step {i + 1}/{n}", f"latents[{i}]", (lambda ss, i=i: ss.ref["latents"][i]), _step(i)) for i in range(n)
     ]
     table += [
         Stage("final_latent", "final_latent", get("final_latent"), _step(n - 1)),
+        Stage("vae.decode", "decoded", get("decoded"), _decode_ref),
         Stage("decoded", "decoded", get("decoded"), lambda ss: ss.decoded),
         Stage("image", "image", get("image"), _image, image=True),
     ]
@@ -527,7 +530,9 @@ def verify_checkpoint(
     table = stages_for(ref, rt.config.is_refiner, rt.config.unet.time_cond_proj_dim is not None)
     with step_bar(len(table), "verify", quiet) as bar:
         for stage in table:
+            stage_start = time.perf_counter()
             ours = stage.ours(session)
+            stage_seconds = time.perf_counter() - stage_start
             note = "; ".join(filter(None, (session.schedule.note, disagreement))) if stage.name == "schedule" else ""
             result = compare(
                 stage.name,
@@ -541,6 +546,7 @@ def verify_checkpoint(
             )
             if note:
                 result.passed = False
+            result.seconds = stage_seconds
             results.append(result)
             if progress is not None:
                 progress(stage.name)
