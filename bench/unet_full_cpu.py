@@ -192,8 +192,9 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram'] / gib:.1f} GiB RAM; load average before "
         f"the runs {report['load_before']}. MindSpore {m['versions'].get('mindspore')}, torch "
         f"{report.get('torch')}, diffusers {report.get('diffusers')}.",
-        "The first evaluation includes each framework's warm-up. Our CPU convolutions run as im2col + MatMul "
-        "(MindSpore's CPU Conv2D kernel is ~0.2 GFLOP/s) and kernels launch synchronously "
+        "The first evaluation includes each framework's warm-up. Our CPU convolutions run as MindSpore's unfold "
+        "(im2col) + one MatMul per image (MindSpore's CPU Conv2D kernel is ~0.5 GFLOP/s) and kernels launch "
+        "synchronously "
         "(mindspore.runtime.launch_blocking). The machine is shared (2 cores): compare with the load columns.",
     ]
     return "\n".join(lines) + "\n"
