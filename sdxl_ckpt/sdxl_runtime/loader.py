@@ -76,8 +76,11 @@ def read_entries(path: str | os.PathLike) -> tuple[list[TensorEntry], dict[str, 
 def return_freed_memory() -> None:
     """Collect released cells now and hand the freed heap pages back to the OS (glibc keeps them otherwise).
 
-    Parameters of a few MB live in malloc's heap, not in their own maps: without ``malloc_trim`` the memory of a
-    released component stays in this process's RSS although the next component would reuse it only in part.
+    Parameters of a few MB filled from numpy live in malloc's heap, not in their own maps: without ``malloc_trim``
+    the memory of a released component stays in this process's RSS although the next component would reuse it
+    only in part. Parameters widened by MindSpore's cast (fp16 files into an fp32 network) live in MindSpore's
+    memory pool instead: released, their memory stays with the process and serves the next phase's fills and
+    activations, so phased loading still bounds the peak by the largest phase but RSS does not fall in between.
     """
     import ctypes
     import gc
