@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sdxl_ckpt.formats.dtypes import ST_TO_NUMPY
 from sdxl_ckpt.progress import write_line
 
 # safetensors float dtype -> (same-width unsigned view, exponent mask): a value is NaN or Inf exactly when all its
@@ -24,7 +25,13 @@ _FLOAT_BITS = {
 }
 # all bits but the sign, per view (computed once: np.iinfo per call costs more than checking a small tensor)
 _MAGNITUDE = {name: view.type(np.iinfo(view).max >> 1) for name, (view, _exp) in _FLOAT_BITS.items()}
-CHUNK_ELEMENTS = 1 << 18  # small enough to stay in cache: the fast path costs ~0.3 s per GB of fp16
+# A chunk is proven finite by two vectorised max / min reductions (no scratch pass): float32 / float64 by their
+# own extremes (NaN propagates through both, Inf is an extreme); half precision, which has no vectorised float16
+# reduction in numpy 1.x, by its bits: a positive NaN / Inf is a signed view's value >= the exponent mask, a
+# negative one an unsigned view's value >= sign | exponent mask
+_NATIVE_REDUCTIONS = frozenset({"F32", "F64"})
+_SIGN_16 = 0x8000
+CHUNK_ELEMENTS = 1 << 18  # small enough to stay in cache: ~0.07 s per GB of fp16 when all is finite
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ def count_nonfinite(array: np.ndarray, st_dtype: str) -> NonFinite:
     """NaN / Inf counts of ``array`` held in the storage dtype of safetensors dtype ``st_dtype``.
 
     Integer and bool tensors are always finite. ``array`` may be any chunk of whole elements. The common case (all
-    finite) is one chunked max over the magnitude bits; exact counts are taken only when something was found.
+    finite) is two reductions per chunk; exact counts are taken only in a chunk where something was found.
     """
     if st_dtype not in _FLOAT_BITS:
         return NonFinite()
@@ -57,11 +64,18 @@ def count_nonfinite(array: np.ndarray, st_dtype: str) -> NonFinite:
     if bits.size == 0:
         return NonFinite()
     magnitude_mask = _MAGNITUDE[st_dtype]
-    scratch = np.empty(min(CHUNK_ELEMENTS, bits.size), dtype=view)
+    native = st_dtype in _NATIVE_REDUCTIONS
+    extremes = bits.view(ST_TO_NUMPY[st_dtype] if native else np.int16)
     nan = inf = 0
     for start in range(0, bits.size, CHUNK_ELEMENTS):
         chunk = bits[start : start + CHUNK_ELEMENTS]
-        magnitude = np.bitwise_and(chunk, magnitude_mask, out=scratch[: chunk.size])
+        values = extremes[start : start + CHUNK_ELEMENTS]
+        if native:
+            if np.isfinite(values.max()) and np.isfinite(values.min()):
+                continue
+        elif values.max() < exp_mask and chunk.max() < _SIGN_16 | exp_mask:
+            continue
+        magnitude = np.bitwise_and(chunk, magnitude_mask)
         if magnitude.max() < exp_mask:
             continue
         special = np.count_nonzero(magnitude >= exp_mask)
