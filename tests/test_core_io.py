@@ -96,7 +96,7 @@ def test_half_widening_is_bit_identical_for_every_half_value():
     assert np.array_equal(to_float32(every_half, "F16").view(np.uint32), expected)
 
 
-@pytest.mark.parametrize("shape", [(), (0, 3), (3, 1, 5), (2 * halfwiden.CHUNK_ELEMENTS + 7,)])
+@pytest.mark.parametrize("shape", [(), (0, 3), (3, 1, 5), (3, 50, 60), (2 * halfwiden.CHUNK_ELEMENTS + 7,)])
 def test_half_widening_keeps_shapes_across_chunk_edges(shape):
     values = np.random.default_rng(1).standard_normal(shape).astype(np.float16)
     if values.size > halfwiden.CHUNK_ELEMENTS:  # specials in a later chunk, and at the very end
@@ -111,8 +111,8 @@ def test_half_widening_keeps_shapes_across_chunk_edges(shape):
 def test_half_widening_falls_back_where_subnormals_would_flush(monkeypatch):
     monkeypatch.setattr(halfwiden, "_subnormals_survive", lambda: False)
     monkeypatch.setattr(halfwiden, "_REBIAS", None)  # the bit path would fail outright if it were taken
-    tiny = np.array([6e-8, -6e-8, 1.0], dtype=np.float16)
-    assert np.array_equal(halfwiden.widen_half(tiny), tiny.astype(np.float32))
+    values = np.resize(np.array([6e-8, -6e-8, 1.0], dtype=np.float16), halfwiden.BITS_MIN_ELEMENTS)
+    assert np.array_equal(halfwiden.widen_half(values), values.astype(np.float32))
 
 
 @pytest.mark.parametrize("dtype", ["F32", "F64"])

@@ -15,9 +15,13 @@ import numpy as np
 import pytest
 
 from sdxl_ckpt.cli import main
+from sdxl_ckpt.errors import InputError
 from sdxl_ckpt.formats.dtypes import to_float32
+from sdxl_ckpt.lora import names
 from sdxl_ckpt.lora.delta import lora_delta
-from sdxl_ckpt.lora.names import module_index
+from sdxl_ckpt.lora.index_file import main as index_file_main
+from sdxl_ckpt.lora.index_file import render
+from sdxl_ckpt.lora.names import module_index, module_list_path, read_modules, rule_modules
 from sdxl_ckpt.lora.read import read_lora
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
@@ -135,6 +139,26 @@ def test_module_index_is_built_from_the_architecture_keys():
     assert refiner.kohya["lora_te2_text_model_encoder_layers_0_self_attn_q_proj"].sd_key.startswith(
         "conditioner.embedders.0.model."
     )
+
+
+def test_shipped_module_lists_equal_the_rule_tables(tmp_path):
+    """The lists ``module_index`` reads are exactly what the rule tables enumerate now (regenerate with
+    ``python -m sdxl_ckpt.lora.index_file``), and a damaged list is refused with one line."""
+    for structure in ("base", "refiner"):
+        assert module_list_path(structure).read_text(encoding="utf-8") == render(structure)
+        assert read_modules(structure) == rule_modules(structure)
+    assert index_file_main(["--check"]) == 0
+
+
+def test_a_damaged_module_list_is_refused(tmp_path, monkeypatch):
+    damaged = tmp_path / "modules_base.tsv"
+    damaged.write_text("name\tsd\n", encoding="utf-8")
+    monkeypatch.setattr(names, "module_list_path", lambda structure: damaged)
+    with pytest.raises(InputError, match="not a LoRA module list"):
+        names.read_modules("base")
+    damaged.unlink()
+    with pytest.raises(InputError, match="missing from the installation"):
+        names.read_modules("base")
 
 
 # --- conversions keep every delta -----------------------------------------------------------------------------------

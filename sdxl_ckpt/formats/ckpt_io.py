@@ -180,7 +180,7 @@ def write_ckpt(
     checksum = 0
     watch = NonFiniteWatch()  # NaN / Inf are written as they are, but never silently
     with (
-        atomic_output(path, overwrite) as handle,
+        atomic_output(path, overwrite, drop_cache=True) as handle,  # so load_checkpoint finds the memory free
         byte_bar(sum(e.nbytes for e in planned), desc, quiet) as bar,
         Background() as checks,
         open_sources(),
