@@ -192,3 +192,47 @@ def test_verify_refuses_a_ckpt_of_another_variant(base_case, tiny_refiner, tmp_p
     ref = reference(tiny_refiner, tmp_path / "ref.npz", steps=2, strength=1.0, **REFINER_SIZE)
     assert main(["verify", str(ckpt), "--reference", str(ref), "--quiet"]) == 2
     assert "does not fit the refiner model" in capsys.readouterr().err
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[int]:
+    calls = [0]
+    original = getattr(cls, name)
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def test_isolating_stages_share_the_chain_on_a_passing_run(base_case, tmp_path, capsys, monkeypatch):
+    """unet.first and vae.decode take the chain's own evaluation and decode when every earlier stage passed: a
+    4-step Euler run evaluates the UNet 4 times (not 5) and decodes once (not twice), and the report says so."""
+    from sdxl_ckpt.sdxl_runtime.api import SDXLRuntime
+
+    unet_calls = _count_calls(monkeypatch, SDXLRuntime, "unet")
+    decode_calls = _count_calls(monkeypatch, SDXLRuntime, "decode")
+    ckpt, ref = base_case
+    rc, report = verify_json(ckpt, ref, tmp_path, capsys)
+    assert rc == 0
+    assert_all_within(report, "euler", 4)
+    assert (unet_calls[0], decode_calls[0]) == (4, 1)
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert stages["unet.first"]["note"] == "the chain's first evaluation, on our conditioning"
+    assert stages["vae.decode"]["note"] == "our final latent decoded"
+    assert stages["vae.decode"]["rel_l2"] == stages["decoded"]["rel_l2"]
+
+
+def test_a_shared_result_that_fails_is_judged_again_on_the_reference_inputs(base_case, tmp_path, capsys, monkeypatch):
+    """A chain whose first evaluation is off (as a sampler fault would make it) does not blame the UNet: unet.first
+    is computed again on the reference's own inputs, and that verdict (a pass) is the stage's."""
+    from sdxl_ckpt.verify import verify
+
+    real = verify.Session.chain_first_unet
+    monkeypatch.setattr(verify.Session, "chain_first_unet", property(lambda ss: real.fget(ss) * np.float32(1.01)))
+    ckpt, ref = base_case
+    rc, report = verify_json(ckpt, ref, tmp_path, capsys)
+    assert rc == 0
+    unet = next(s for s in report["stages"] if s["stage"] == "unet.first")
+    assert unet["ok"] == "ok" and unet["note"] == "" and unet["rel_l2"] < 1e-4
