@@ -19,8 +19,9 @@ from bench.inputs import Inputs, ensure_lora
 class Case:
     key: str  # stable id used in JSON
     title: str  # what the table shows
-    # input kind: "diffusers" | "sd" | "ckpt" | "verify" (the ckpt, checked against a reference) | "reference"
-    # (the diffusers weights the torch reference reads) | "reference_sd" (the SD file it reads)
+    # input kind: "diffusers" | "sd" | "ckpt" | "lora" (the LoRA cases' file) | "verify" (the ckpt, checked against
+    # a reference) | "reference" (the diffusers weights the torch reference reads) | "reference_sd" (the SD file
+    # it reads)
     reads: str
     kind: str  # "copy" | "convert" | "baseline" | "verify" (the numerical check: reference and verify runs)
     output: str  # output file name inside the run's out folder
@@ -124,6 +125,17 @@ CASES: tuple[Case, ...] = (
         needs="lora",
         reference="copy_sd",
         target_rss=LORA_RSS_TARGET,
+    ),
+    Case(
+        "lora_convert",
+        "lora convert (that LoRA, PEFT -> kohya)",
+        "lora",
+        "convert",
+        "lora_kohya.safetensors",
+        lambda i, o: commands.lora_convert(ensure_lora(i), o, "kohya"),
+        needs="lora",
+        target_rss=LORA_RSS_TARGET,
+        target_tiny_s=STARTUP_TARGET_S,
     ),
     Case(
         "baseline_fp32",

@@ -57,6 +57,10 @@ def lora_merge(base: Path, lora: Path, out: Path) -> list[str]:
     return [*cli(), "lora", "merge", str(base), str(lora), "--output", str(out), "--quiet"]
 
 
+def lora_convert(lora: Path, out: Path, to: str) -> list[str]:
+    return [*cli(), "lora", "convert", str(lora), "--output", str(out), "--to", to, "--quiet"]
+
+
 def help_text() -> list[str]:
     """The cheapest command: interpreter, CLI framework and command table, nothing else (start-up alone)."""
     return [*cli(), "--help"]

@@ -73,9 +73,11 @@ class Inputs:
         return files
 
     def files(self, kind: str) -> list[Path]:
-        """The input files of kind "diffusers" | "sd" | "ckpt" (| "verify", "reference", "reference_sd")."""
+        """The input files of kind "diffusers" | "sd" | "ckpt" | "lora" (| "verify", "reference", "reference_sd")."""
         if kind in ("diffusers", "reference"):
             return self.weight_files()
+        if kind == "lora":
+            return [ensure_lora(self)]
         return [{"sd": self.sd, "ckpt": self.ckpt, "verify": self.ckpt, "reference_sd": self.sd}[kind]]
 
     def size(self, kind: str) -> int:

@@ -106,6 +106,7 @@ def test_command_lines_use_existing_options(tmp_path):
         commands.reference(p, p, "full", config=p),
         commands.verify(p, p, p),
         commands.lora_merge(p, p, p),
+        commands.lora_convert(p, p, "kohya"),
     ]
     for argv in lines:
         rest = argv[len(commands.cli()) :]
