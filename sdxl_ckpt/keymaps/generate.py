@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sdxl_ckpt.generated_files import write_or_check
 from sdxl_ckpt.keymaps import KEYMAP_DIR, VARIANTS
 from sdxl_ckpt.keymaps.expected import ExpectedKey, expected_keys
 from sdxl_ckpt.keymaps.sd_ms import sd_to_ms_name
@@ -100,22 +101,8 @@ def render(variant: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    check = "--check" in args
-    stale = []
-    for variant in VARIANTS:
-        path = Path(KEYMAP_DIR) / f"{variant}.yaml"
-        text = render(variant)
-        if check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(path.name)
-        else:
-            path.write_text(text)
-            print(f"wrote {path}")
-    if stale:
-        print(f"out of date: {', '.join(stale)} (run python -m sdxl_ckpt.keymaps.generate)", file=sys.stderr)
-        return 1
-    return 0
+    files = {Path(KEYMAP_DIR) / f"{v}.yaml": (lambda v=v: render(v)) for v in VARIANTS}
+    return write_or_check(files, sys.argv[1:] if argv is None else argv, "python -m sdxl_ckpt.keymaps.generate")
 
 
 if __name__ == "__main__":

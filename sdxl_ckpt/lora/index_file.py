@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from sdxl_ckpt.generated_files import write_or_check
 from sdxl_ckpt.lora.names import MODULE_LIST_FIELDS, STRUCTURES, module_list_path, rule_modules
 
 
@@ -24,22 +25,8 @@ def render(structure: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    check = "--check" in args
-    stale = []
-    for structure in STRUCTURES:
-        path = module_list_path(structure)
-        text = render(structure)
-        if check:
-            if not path.exists() or path.read_text(encoding="utf-8") != text:
-                stale.append(path.name)
-        else:
-            path.write_text(text, encoding="utf-8")
-            print(f"wrote {path}")
-    if stale:
-        print(f"out of date: {', '.join(stale)} (run python -m sdxl_ckpt.lora.index_file)", file=sys.stderr)
-        return 1
-    return 0
+    files = {module_list_path(s): (lambda s=s: render(s)) for s in STRUCTURES}
+    return write_or_check(files, sys.argv[1:] if argv is None else argv, "python -m sdxl_ckpt.lora.index_file")
 
 
 if __name__ == "__main__":
