@@ -16,7 +16,7 @@ PACKAGE = Path(sdxl_ckpt.__file__).resolve().parent
 # lowest first; a unit is a subpackage or a top-level module of sdxl_ckpt
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "errors"),  # the version and the error types every layer raises
-    ("progress", "report"),  # progress bars, tables and JSON reports
+    ("progress", "report", "generated_files"),  # progress bars, tables and JSON reports; writing generated data
     ("formats",),  # tensor entries, dtypes, safetensors / ckpt / diffusers-folder / npz IO, atomic output
     ("sdxl",),  # SDXL facts: configs, components, variants and their detection
     ("keymaps",),  # rule tables between layouts, generated keymaps

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdxl_ckpt.formats.dtypes import ST_TO_NUMPY
 from sdxl_ckpt.progress import write_line
 
 # safetensors float dtype -> (same-width unsigned view, exponent mask): a value is NaN or Inf exactly when all its
@@ -29,7 +28,7 @@ _MAGNITUDE = {name: view.type(np.iinfo(view).max >> 1) for name, (view, _exp) in
 # own extremes (NaN propagates through both, Inf is an extreme); half precision, which has no vectorised float16
 # reduction in numpy 1.x, by its bits: a positive NaN / Inf is a signed view's value >= the exponent mask, a
 # negative one an unsigned view's value >= sign | exponent mask
-_NATIVE_REDUCTIONS = frozenset({"F32", "F64"})
+_NATIVE_REDUCTIONS = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 _SIGN_16 = 0x8000
 CHUNK_ELEMENTS = 1 << 18  # small enough to stay in cache: ~0.07 s per GB of fp16 when all is finite
 
@@ -65,7 +64,7 @@ def count_nonfinite(array: np.ndarray, st_dtype: str) -> NonFinite:
         return NonFinite()
     magnitude_mask = _MAGNITUDE[st_dtype]
     native = st_dtype in _NATIVE_REDUCTIONS
-    extremes = bits.view(ST_TO_NUMPY[st_dtype] if native else np.int16)
+    extremes = bits.view(_NATIVE_REDUCTIONS[st_dtype] if native else np.int16)
     nan = inf = 0
     for start in range(0, bits.size, CHUNK_ELEMENTS):
         chunk = bits[start : start + CHUNK_ELEMENTS]
