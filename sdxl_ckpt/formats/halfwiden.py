@@ -31,8 +31,6 @@ _KEEP = np.int32(-0x70000001)  # 0x8FFFFFFF: clears bits 28-30 (the sign extensi
 _REBIAS = np.float32(2.0**112)
 _HALF_SPECIAL = np.float32(2.0**16)  # at or above (in magnitude) only where the half was Inf / NaN
 _ALL_ONES_EXPONENT = np.int32(0x7F800000)
-
-
 _SMALLEST_SUBNORMAL_BITS = np.array([1], dtype=np.int16)  # the half 2**-24
 
 

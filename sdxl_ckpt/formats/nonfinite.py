@@ -63,13 +63,13 @@ def count_nonfinite(array: np.ndarray, st_dtype: str) -> NonFinite:
     if bits.size == 0:
         return NonFinite()
     magnitude_mask = _MAGNITUDE[st_dtype]
-    native = st_dtype in _NATIVE_REDUCTIONS
-    extremes = bits.view(_NATIVE_REDUCTIONS[st_dtype] if native else np.int16)
+    native = _NATIVE_REDUCTIONS.get(st_dtype)
+    extremes = bits.view(native or np.int16)
     nan = inf = 0
     for start in range(0, bits.size, CHUNK_ELEMENTS):
         chunk = bits[start : start + CHUNK_ELEMENTS]
         values = extremes[start : start + CHUNK_ELEMENTS]
-        if native:
+        if native is not None:
             if np.isfinite(values.max()) and np.isfinite(values.min()):
                 continue
         elif values.max() < exp_mask and chunk.max() < _SIGN_16 | exp_mask:

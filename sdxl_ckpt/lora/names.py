@@ -100,6 +100,11 @@ def _underscored(name: str) -> str:
     return name.replace(".", "_")
 
 
+def _require_structure(structure: str) -> None:
+    if structure not in STRUCTURES:
+        raise InputError(f"unknown structure {structure!r} (expected base or refiner)")
+
+
 def rule_modules(structure: str) -> list[Module]:
     """Every LoRA-targetable module of ``structure`` (base or refiner; LCM is base), from the rule tables: their
     keys for the full-size configs that the structure's keymap holds (so a rule's optional tensor, e.g. a shortcut
@@ -110,8 +115,7 @@ def rule_modules(structure: str) -> list[Module]:
     is shipped as ``lora/modules_<structure>.tsv`` (written by ``python -m sdxl_ckpt.lora.index_file``; a test
     keeps the files equal to this function's output), and ``module_index`` reads that.
     """
-    if structure not in STRUCTURES:
-        raise InputError(f"unknown structure {structure!r} (expected base or refiner)")
+    _require_structure(structure)
     configs = full_configs(structure)
     present = set(load_keymap(structure).by_sd)  # the rules accept optional tensors the architecture may lack
     modules = []
@@ -159,8 +163,7 @@ def read_modules(structure: str) -> list[Module]:
 @cache
 def module_index(structure: str) -> ModuleIndex:
     """The index of ``structure`` (base or refiner): every module of its shipped list under each spelling."""
-    if structure not in STRUCTURES:
-        raise InputError(f"unknown structure {structure!r} (expected base or refiner)")
+    _require_structure(structure)
     index = ModuleIndex(structure)
     for module in read_modules(structure):
         _register(index, module)
