@@ -36,6 +36,21 @@ def test_pieces_join_to_the_whole_cast(small_pieces, src, dst):
     assert joined == cast_array(array, src, dst).tobytes() == entry.load().tobytes()
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_threaded_widening_is_the_whole_widening(monkeypatch, workers):
+    """Every half value (NaN payloads, subnormals, Inf), split over the workers at uneven edges, in any shape."""
+    monkeypatch.setattr(castpipe, "worker_count", lambda: workers)
+    monkeypatch.setattr(castpipe, "SPLIT_MIN_BYTES", 1024)
+    every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    values = np.concatenate([every_half, every_half[:12_346]]).reshape(-1, 7)  # 77,882 elements
+    widened = castpipe.widen_half_threaded(values)
+    assert widened.shape == values.shape and widened.flags.c_contiguous
+    assert np.array_equal(widened.view(np.uint32), values.astype(np.float32).view(np.uint32))
+    strided = values[:, ::3]
+    expected = strided.astype(np.float32).view(np.uint32)
+    assert np.array_equal(castpipe.widen_half_threaded(strided).view(np.uint32), expected)
+
+
 def test_small_tensors_are_cast_whole():
     entry = castpipe.cast_entry(entry_from_array("t", np.ones(10, np.float16)), "t", "F32")
     assert entry.streamed_pieces is None and entry.load().dtype == np.float32

@@ -108,6 +108,20 @@ def test_half_widening_keeps_shapes_across_chunk_edges(shape):
     assert np.array_equal(halfwiden.widen_half(strided).view(np.uint32), strided.astype(np.float32).view(np.uint32))
 
 
+def test_half_widening_into_slices_of_a_larger_result():
+    values = np.random.default_rng(2).standard_normal(3 * halfwiden.CHUNK_ELEMENTS + 11).astype(np.float16)
+    out = np.full(values.size, np.nan, dtype=np.float32)
+    cut = halfwiden.CHUNK_ELEMENTS + 5
+    for part in (slice(0, cut), slice(cut, None)):
+        assert halfwiden.widen_half(values[part], out=out[part]).base is not None
+    assert np.array_equal(out, values.astype(np.float32))
+    small = values[:10].reshape(2, 5)  # numpy's conversion below BITS_MIN_ELEMENTS, into out as well
+    assert np.array_equal(halfwiden.widen_half(small, out=np.empty(10, np.float32)), small.astype(np.float32))
+    for wrong in (np.empty(9, np.float32), np.empty(10, np.float64), np.empty(20, np.float32)[::2]):
+        with pytest.raises(ValueError):
+            halfwiden.widen_half(small, out=wrong)
+
+
 def test_half_widening_falls_back_where_subnormals_would_flush(monkeypatch):
     monkeypatch.setattr(halfwiden, "_subnormals_survive", lambda: False)
     monkeypatch.setattr(halfwiden, "_REBIAS", None)  # the bit path would fail outright if it were taken

@@ -268,13 +268,32 @@ def test_cpu_convolution_equals_the_definition(
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-6
 
 
+@pytest.mark.parametrize("kernel,stride,pad", [(3, 1, 1), (3, 2, 1), (3, 2, 0), (4, 3, 2)])
+def test_host_columns_are_mindspores_unfold(kernel: int, stride: int, pad: int) -> None:
+    """The numpy im2col (whole and in bands of output rows) holds exactly what ``ops.unfold`` builds."""
+    from mindspore import Tensor, ops
+
+    from sdxl_ckpt.sdxl_runtime import im2col
+
+    x = np.random.default_rng(5).standard_normal((2, 5, 13, 10)).astype(np.float32)
+    expected = ops.unfold(Tensor(x), kernel_size=kernel, padding=pad, stride=stride).asnumpy()
+    ho, wo = (13 + 2 * pad - kernel) // stride + 1, (10 + 2 * pad - kernel) // stride + 1
+    padded = im2col.zero_padded(x, pad)
+    assert np.array_equal(im2col.columns(padded, kernel, stride, (0, ho), wo), expected)
+    bands = [im2col.columns(padded, kernel, stride, (r0, min(ho, r0 + 2)), wo) for r0 in range(0, ho, 2)]
+    joined = np.concatenate([band.reshape(2, -1, band.shape[-1] // wo, wo) for band in bands], axis=2)
+    assert np.array_equal(joined.reshape(expected.shape), expected)
+
+
 def test_nearest_upsampling_is_exact() -> None:
     from mindspore import Tensor
 
     from sdxl_ckpt.sdxl_runtime.layers import upsample_nearest2x
 
     x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
-    assert np.array_equal(upsample_nearest2x(Tensor(x)).asnumpy(), x.repeat(2, axis=2).repeat(2, axis=3))
+    expected = x.repeat(2, axis=2).repeat(2, axis=3)
+    for native in (False, True):  # CPU's interpolate kernel and the broadcast every backend runs
+        assert np.array_equal(upsample_nearest2x(Tensor(x), native).asnumpy(), expected)
 
 
 def test_eot_position_rules() -> None:

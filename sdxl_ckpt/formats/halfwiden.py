@@ -40,17 +40,26 @@ def _subnormals_survive() -> bool:
     return bool(np.multiply(bits.view(np.float32), _REBIAS)[0] != 0)
 
 
-def widen_half(array: np.ndarray) -> np.ndarray:
-    """``array`` (float16, any shape) as a new C-contiguous float32 array of the same shape, bit-exact."""
+def widen_half(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``array`` (float16, any shape) as a C-contiguous float32 array of the same shape, bit-exact.
+
+    ``out``: a C-contiguous float32 array of ``array``'s size to write into (a slice of a larger result, filled by
+    several threads); a new array otherwise.
+    """
+    if out is None:
+        out = np.empty(np.shape(array), dtype=np.float32)
+    elif out.dtype != np.float32 or out.size != np.size(array) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 of {np.size(array)} elements")
     if np.size(array) < BITS_MIN_ELEMENTS or not _subnormals_survive():
-        return np.array(array, dtype=np.float32, order="C")
+        out.reshape(np.shape(array))[...] = array
+        return out.reshape(np.shape(array))
     source = np.ascontiguousarray(array).reshape(-1).view(np.int16)
-    out = np.empty(source.size, dtype=np.float32)
-    out_bits = out.view(np.int32)
+    flat = out.reshape(-1)
+    out_bits = flat.view(np.int32)
     for start in range(0, source.size, CHUNK_ELEMENTS):
         stop = start + CHUNK_ELEMENTS
         bits = out_bits[start:stop]
-        values = out[start:stop]
+        values = flat[start:stop]
         np.left_shift(source[start:stop], _SHIFT, out=bits, dtype=np.int32)
         np.bitwise_and(bits, _KEEP, out=bits)
         np.multiply(values, _REBIAS, out=values)

@@ -13,15 +13,60 @@ import math
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import initializer
 
+from sdxl_ckpt.sdxl_runtime import im2col
 from sdxl_ckpt.sdxl_runtime.device import Runtime
 
+# MindSpore's CPU kernels differ by the call that reaches them (PyNative, 2-core AVX-512 machine, full-size UNet
+# shapes): the MatMul / BatchMatMul primitives run at 150-290 GFLOP/s, ``ops.matmul`` on 3-D / 4-D inputs at
+# 70-90 and ``ops.dense`` up to 7x slower than the primitive. A bias added with ``+`` broadcasts at about a tenth of
+# BiasAdd's speed (a [128, 10240] output: 12 ms against 1 ms). The layers' products go through these.
+_MATMUL = ops.MatMul()
+_MATMUL_T = ops.MatMul(transpose_b=True)
+_BATCH_MATMUL = ops.BatchMatMul()
+_BATCH_MATMUL_T = ops.BatchMatMul(transpose_b=True)
 
-def dense(in_features: int, out_features: int, rt: Runtime, bias: bool = True) -> nn.Dense:
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` over the last axis of ``x`` (any leading shape), ``weight`` [out, in]."""
+    lead = x.shape[:-1]
+    out = _MATMUL_T(x.reshape(-1, x.shape[-1]), weight)
+    if bias is not None:
+        out = ops.bias_add(out, bias)
+    return out.reshape(*lead, weight.shape[0])
+
+
+def batch_matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
+    """``a @ b`` (or ``a @ b^T``) over matching leading axes."""
+    return (_BATCH_MATMUL_T if transpose_b else _BATCH_MATMUL)(a, b)
+
+
+def lazy_parameter(shape: tuple[int, ...], rt: Runtime) -> Parameter:
+    """A parameter of ``shape`` in the compute dtype whose zeros are not allocated until it is filled or used."""
+    return Parameter(initializer("zeros", shape, rt.ms_dtype))
+
+
+class Dense(nn.Cell):
+    """A Linear layer (``weight`` [out, in], ``bias`` [out]: nn.Dense's names) computed by ``linear``.
+
+    A plain cell rather than an ``nn.Dense``: building nn.Dense's primitives and signature checks cost 1.5 ms a
+    layer, 1.4 s for the full-size UNet's 911 layers.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rt: Runtime, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = lazy_parameter((out_features, in_features), rt)
+        self.bias = lazy_parameter((out_features,), rt) if bias else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def dense(in_features: int, out_features: int, rt: Runtime, bias: bool = True) -> Dense:
     """A Linear layer (``weight`` [out, in], ``bias`` [out])."""
-    return nn.Dense(in_features, out_features, weight_init="zeros", bias_init="zeros", has_bias=bias, dtype=rt.ms_dtype)
+    return Dense(in_features, out_features, rt, bias)
 
 
 IM2COL_CHUNK_BYTES = 256 * 1024 * 1024  # largest unfolded input built at once (a 1024px VAE decode needs GBs)
@@ -30,10 +75,10 @@ IM2COL_CHUNK_BYTES = 256 * 1024 * 1024  # largest unfolded input built at once (
 class Conv2d(nn.Cell):
     """A Conv2d with bias (``weight`` [O, C, k, k], ``bias`` [O]) and symmetric zero padding.
 
-    MindSpore's CPU Conv2D kernel runs at about 0.5 GFLOP/s (a full-size UNet evaluation would take hours), its
-    MatMul at tens of GFLOP/s: on CPU the convolution is computed as unfold (im2col) + MatMul, in bands of output
-    rows so the unfolded input stays under ``IM2COL_CHUNK_BYTES``. MindSpore's own ``unfold`` kernel builds the
-    columns (about 5x faster than stacking the k*k shifted windows with slices; the results are bit-identical).
+    MindSpore's CPU Conv2D kernel runs at about 0.5-1 GFLOP/s for 3x3 kernels (a full-size UNet evaluation would
+    take hours), its MatMul at 100-200: on CPU the convolution is computed as im2col + MatMul, in bands of output
+    rows so the unfolded input stays under ``IM2COL_CHUNK_BYTES``. The columns are built by numpy on the host
+    (``im2col``: a strided copy on every core, 1.5-2x faster than MindSpore's ``unfold`` kernel, the same values).
     GPU / Ascend use the native kernel.
     """
 
@@ -41,8 +86,8 @@ class Conv2d(nn.Cell):
         self, in_channels: int, out_channels: int, kernel: int, rt: Runtime, stride: int = 1, padding: int = 0
     ) -> None:
         super().__init__()
-        self.weight = Parameter(initializer("zeros", (out_channels, in_channels, kernel, kernel), rt.ms_dtype))
-        self.bias = Parameter(initializer("zeros", (out_channels,), rt.ms_dtype))
+        self.weight = lazy_parameter((out_channels, in_channels, kernel, kernel), rt)
+        self.bias = lazy_parameter((out_channels,), rt)
         self.kernel, self.stride, self.padding = kernel, stride, padding
         self.native = rt.device != "CPU"
 
@@ -68,24 +113,19 @@ class Conv2d(nn.Cell):
             return self._matmul(weight, x.reshape(b, c, h * w)).reshape(b, o, h, w)
         row_bytes = b * c * k * k * wo * x.itemsize
         rows = max(1, min(ho, IM2COL_CHUNK_BYTES // max(row_bytes, 1)))
-        if rows == ho:
-            cols = ops.unfold(x, kernel_size=k, padding=p, stride=s)  # [B, C*k*k, Ho*Wo], channel-major
-            return self._matmul(weight, cols).reshape(b, o, ho, wo)
-        if p:
-            x = ops.pad(x, (p, p, p, p))
+        padded = im2col.zero_padded(x.asnumpy(), p)
         outs = []
         for r0 in range(0, ho, rows):
             r1 = min(ho, r0 + rows)
-            cols = ops.unfold(x[:, :, r0 * s : (r1 - 1) * s + k], kernel_size=k, stride=s)  # one band's input rows
+            cols = Tensor.from_numpy(im2col.columns(padded, k, s, (r0, r1), wo))  # [B, C*k*k, rows * Wo]
             outs.append(self._matmul(weight, cols).reshape(b, o, r1 - r0, wo))
-        return ops.cat(outs, axis=2)
+        return outs[0] if len(outs) == 1 else ops.cat(outs, axis=2)
 
     def _matmul(self, weight: Tensor, cols: Tensor) -> Tensor:
         """[O, C*k*k] x [B, C*k*k, L] + bias -> [B, O, L], one 2-D MatMul per image: the batched form broadcasts
         the weight to every image first (a copy of up to 118 MB per call in the UNet) and runs 1.5-5x slower."""
-        bias = self.bias.view(-1, 1)
-        outs = [ops.matmul(weight, cols[i]) + bias for i in range(cols.shape[0])]
-        return outs[0].expand_dims(0) if len(outs) == 1 else ops.stack(outs)
+        outs = [_MATMUL(weight, cols[i]) for i in range(cols.shape[0])]
+        return ops.bias_add(outs[0].expand_dims(0) if len(outs) == 1 else ops.stack(outs), self.bias)
 
 
 def conv2d(in_channels: int, out_channels: int, kernel: int, rt: Runtime, stride: int = 1, padding: int = 0) -> Conv2d:
@@ -93,11 +133,15 @@ def conv2d(in_channels: int, out_channels: int, kernel: int, rt: Runtime, stride
     return Conv2d(in_channels, out_channels, kernel, rt, stride, padding)
 
 
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the activation dtype (sgm's GroupNorm32); ``gamma``/``beta``."""
+class GroupNorm(nn.Cell):
+    """GroupNorm computed in float32 whatever the activation dtype (sgm's GroupNorm32); ``gamma``/``beta``
+    (nn.GroupNorm's names)."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float, rt: Runtime) -> None:
-        super().__init__(num_groups, num_channels, eps=eps, gamma_init="zeros", beta_init="zeros", dtype=rt.ms_dtype)
+        super().__init__()
+        self.num_groups, self.eps = num_groups, eps
+        self.gamma = lazy_parameter((num_channels,), rt)
+        self.beta = lazy_parameter((num_channels,), rt)
 
     def construct(self, x: Tensor) -> Tensor:
         out = ops.group_norm(
@@ -106,14 +150,18 @@ class GroupNorm(nn.GroupNorm):
         return out.astype(x.dtype)
 
 
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm over the last axis computed in float32; ``gamma``/``beta``; eps given explicitly."""
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis computed in float32; ``gamma``/``beta`` (nn.LayerNorm's names); eps given
+    explicitly."""
 
     def __init__(self, dim: int, eps: float, rt: Runtime) -> None:
-        super().__init__((dim,), gamma_init="zeros", beta_init="zeros", epsilon=eps, dtype=rt.ms_dtype)
+        super().__init__()
+        self.gamma = lazy_parameter((dim,), rt)
+        self.beta = lazy_parameter((dim,), rt)
+        # nn.LayerNorm's primitive (ops.layer_norm has no CPU kernel)
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
 
     def construct(self, x: Tensor) -> Tensor:
-        # the LayerNorm primitive of nn.LayerNorm (ops.layer_norm has no CPU kernel)
         out, _, _ = self.layer_norm(x.astype(ms.float32), self.gamma.astype(ms.float32), self.beta.astype(ms.float32))
         return out.astype(x.dtype)
 
@@ -123,7 +171,7 @@ class Embedding(nn.Cell):
 
     def __init__(self, num: int, dim: int, rt: Runtime) -> None:
         super().__init__()
-        self.embedding_table = Parameter(initializer("zeros", (num, dim), rt.ms_dtype))
+        self.embedding_table = lazy_parameter((num, dim), rt)
 
     def construct(self, ids: Tensor) -> Tensor:
         return ops.gather(self.embedding_table, ids, 0)
@@ -164,11 +212,6 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
 
-# q @ k^T with the transpose folded into the kernel: the same numbers as transposing k first, 1.4x faster on CPU
-# for 1024-4096 tokens (no transposed copy of k)
-_QK_T = ops.BatchMatMul(transpose_b=True)
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, rt: Runtime, mask: Tensor | None = None) -> Tensor:
     """Scaled dot-product attention over [B, N, H*D] inputs; softmax in float32; ``mask`` is added to the scores.
 
@@ -186,11 +229,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, rt: Runtime, mask: Te
         )
         return merge_heads(out)
     qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
-    scores = _QK_T(qh, kh).astype(ms.float32) * scale
+    scores = batch_matmul(qh, kh, transpose_b=True).astype(ms.float32) * scale  # k^T folded into the kernel
     if mask is not None:
         scores = scores + mask
     probs = ops.softmax(scores, axis=-1).astype(v.dtype)
-    return merge_heads(ops.matmul(probs, vh))
+    return merge_heads(batch_matmul(probs, vh))
 
 
 def sinusoid_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
@@ -221,8 +264,14 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
-def upsample_nearest2x(x: Tensor) -> Tensor:
-    """Nearest-neighbour 2x upsampling of [B, C, H, W] (F.interpolate(scale_factor=2, mode="nearest")), exact."""
+def upsample_nearest2x(x: Tensor, native: bool = False) -> Tensor:
+    """Nearest-neighbour 2x upsampling of [B, C, H, W] (F.interpolate(scale_factor=2, mode="nearest")), exact.
+
+    On CPU ``mint``'s interpolate kernel (6x faster than materialising the broadcast view); ``native``: the
+    broadcast view reshaped, which any backend runs.
+    """
+    if not native:
+        return mint.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
     b, c, h, w = x.shape
     x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2))
     return x.reshape(b, c, 2 * h, 2 * w)
@@ -234,6 +283,7 @@ class Upsample(nn.Cell):
     def __init__(self, channels: int, rt: Runtime) -> None:
         super().__init__()
         self.conv = conv2d(channels, channels, 3, rt, padding=1)
+        self.native = rt.device != "CPU"
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.conv(upsample_nearest2x(x))
+        return self.conv(upsample_nearest2x(x, self.native))

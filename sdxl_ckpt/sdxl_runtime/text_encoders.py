@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import initializer
+from mindspore import Tensor, nn, ops
 
 from sdxl_ckpt.sdxl_runtime.config import TextEncoderConfig
 from sdxl_ckpt.sdxl_runtime.device import Runtime
-from sdxl_ckpt.sdxl_runtime.layers import Embedding, LayerNorm, activation, attention, dense
+from sdxl_ckpt.sdxl_runtime.layers import Embedding, LayerNorm, activation, attention, dense, lazy_parameter, linear
 
 
 def causal_mask(n: int) -> Tensor:
@@ -144,12 +143,12 @@ class OpenCLIPAttention(nn.Cell):
         super().__init__()
         c = cfg.hidden_size
         self.heads, self.rt = cfg.num_heads, rt
-        self.in_proj_weight = Parameter(initializer("zeros", (3 * c, c), rt.ms_dtype))
-        self.in_proj_bias = Parameter(initializer("zeros", (3 * c,), rt.ms_dtype))
+        self.in_proj_weight = lazy_parameter((3 * c, c), rt)
+        self.in_proj_bias = lazy_parameter((3 * c,), rt)
         self.out_proj = dense(c, c, rt)
 
     def construct(self, x: Tensor, mask: Tensor) -> Tensor:
-        qkv = ops.dense(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = ops.split(qkv, qkv.shape[-1] // 3, axis=-1)
         return self.out_proj(attention(q, k, v, self.heads, self.rt, mask))
 
@@ -191,12 +190,12 @@ class OpenCLIPTextModel(nn.Cell):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size, rt)
-        self.positional_embedding = Parameter(initializer("zeros", (cfg.max_positions, cfg.hidden_size), rt.ms_dtype))
+        self.positional_embedding = lazy_parameter((cfg.max_positions, cfg.hidden_size), rt)
         self.transformer = OpenCLIPTransformer(cfg, rt)
         self.ln_final = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, rt)
-        self.text_projection = Parameter(initializer("zeros", (cfg.hidden_size, cfg.projection_dim), rt.ms_dtype))
+        self.text_projection = lazy_parameter((cfg.hidden_size, cfg.projection_dim), rt)
         if cfg.has_logit_scale:  # CLIP's contrastive temperature: in the file, unused for conditioning
-            self.logit_scale = Parameter(initializer("zeros", (), rt.ms_dtype))
+            self.logit_scale = lazy_parameter((), rt)
 
     def construct(self, ids: Tensor, eot: Tensor) -> tuple[Tensor, Tensor]:
         """ids [B, N] int32, eot [B] int32 -> (penultimate hidden [B, N, C], pooled [B, projection_dim])."""

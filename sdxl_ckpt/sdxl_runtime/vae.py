@@ -18,7 +18,7 @@ from mindspore import Tensor, nn, ops
 
 from sdxl_ckpt.sdxl_runtime.config import VAEConfig
 from sdxl_ckpt.sdxl_runtime.device import Runtime
-from sdxl_ckpt.sdxl_runtime.layers import GroupNorm, Upsample, conv2d
+from sdxl_ckpt.sdxl_runtime.layers import GroupNorm, Upsample, batch_matmul, conv2d
 
 
 class ResnetBlock(nn.Cell):
@@ -57,8 +57,8 @@ class AttnBlock(nn.Cell):
         q = self.q(hn).reshape(b, c, h * w).transpose(0, 2, 1)  # [B, HW, C]
         k = self.k(hn).reshape(b, c, h * w)  # [B, C, HW]
         v = self.v(hn).reshape(b, c, h * w).transpose(0, 2, 1)
-        scores = ops.matmul(q, k).astype(ms.float32) * (1.0 / math.sqrt(c))
-        out = ops.matmul(ops.softmax(scores, axis=-1).astype(v.dtype), v)  # [B, HW, C]
+        scores = batch_matmul(q, k).astype(ms.float32) * (1.0 / math.sqrt(c))
+        out = batch_matmul(ops.softmax(scores, axis=-1).astype(v.dtype), v)  # [B, HW, C]
         return self.proj_out(out.transpose(0, 2, 1).reshape(b, c, h, w)) + x
 
 

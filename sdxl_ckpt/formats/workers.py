@@ -1,0 +1,37 @@
+"""One pool of worker threads for the numpy work that splits over cores (numpy releases the GIL while copying or
+casting large arrays): the casts of ``castpipe`` and the runtime's host-side im2col."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+MAX_WORKERS = 4  # more threads than this gain nothing on memory-bound copies
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def worker_count() -> int:
+    """The cores this process may run on, at most ``MAX_WORKERS``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_WORKERS, cores))
+
+
+def executor() -> ThreadPoolExecutor:
+    """The shared pool (created on first use, ``worker_count()`` threads)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=worker_count(), thread_name_prefix="sdxl-ckpt-worker")
+        return _pool
+
+
+def run_split(work: Callable[[int, int], object], total: int) -> None:
+    """``work(start, stop)`` over ``[0, total)`` cut into one contiguous part per worker, all at once; returns when
+    every part is done (re-raising the first error)."""
+    step = -(-total // worker_count())
+    futures = [executor().submit(work, start, min(total, start + step)) for start in range(0, total, step)]
+    for future in futures:
+        future.result()
