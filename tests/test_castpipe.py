@@ -51,6 +51,26 @@ def test_threaded_widening_is_the_whole_widening(monkeypatch, workers):
     assert np.array_equal(castpipe.widen_half_threaded(strided).view(np.uint32), expected)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_widening_straight_from_a_file(monkeypatch, tmp_path, workers):
+    """``widen_half_span`` reads the tensor at its offset in chunks (a last short one included) on the workers."""
+    from sdxl_ckpt.errors import CorruptFileError
+
+    monkeypatch.setattr(castpipe, "worker_count", lambda: workers)
+    monkeypatch.setattr(castpipe, "SPLIT_MIN_BYTES", 1024)
+    monkeypatch.setattr(castpipe, "CHUNK_ELEMENTS", 1000)
+    every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    values = every_half[: 3 * 5 * 1303].reshape(3, 5, 1303)
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"0123456" + values.tobytes() + b"tail")
+    out = np.full(values.shape, np.nan, dtype=np.float32)
+    assert castpipe.widen_half_span(path, 7, out, "t") is out
+    assert np.array_equal(out.view(np.uint32), values.astype(np.float32).view(np.uint32))
+    path.write_bytes(b"0123456" + values.tobytes()[:-10])
+    with pytest.raises(CorruptFileError, match="truncated"):
+        castpipe.widen_half_span(path, 7, out, "t")
+
+
 def test_small_tensors_are_cast_whole():
     entry = castpipe.cast_entry(entry_from_array("t", np.ones(10, np.float16)), "t", "F32")
     assert entry.streamed_pieces is None and entry.load().dtype == np.float32

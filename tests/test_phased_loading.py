@@ -26,22 +26,32 @@ def base_case(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return vs.base_case(tiny_base, tmp_path_factory)
 
 
-def _watch_fills(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
-    """Record each component fill of the runtime as (component, the filled component cells still alive then)."""
-    from sdxl_ckpt.sdxl_runtime import api
+def _watch_fills(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str], list[str]]]:
+    """Record each component fill of the runtime as (component, the filled component cells still alive then, the
+    components whose host memory blocks are still mapped then)."""
+    from sdxl_ckpt.sdxl_runtime import api, host_memory
     from sdxl_ckpt.sdxl_runtime.model import CELL_ATTRIBUTES
 
-    events: list[tuple[str, list[str]]] = []
+    events: list[tuple[str, list[str], list[str]]] = []
     cells: dict[str, weakref.ref] = {}
-    real_fill = api.fill
+    maps: list[tuple[str, weakref.ref]] = []
+    filling: list[str] = []
+    real_fill, real_block = api.fill, host_memory._Block.__init__
+
+    def block(self, nbytes):
+        real_block(self, nbytes)
+        maps.append((filling[-1], weakref.ref(self.map)))
 
     def fill(net, wanted, report, components, quiet=True):
         (component,) = components
-        events.append((component, sorted(name for name, ref in cells.items() if ref() is not None)))
+        alive = sorted({name for name, ref in maps if ref() is not None})
+        events.append((component, sorted(name for name, ref in cells.items() if ref() is not None), alive))
+        filling.append(component)
         real_fill(net, wanted, report, components, quiet)
         cells[component] = weakref.ref(getattr(net, CELL_ATTRIBUTES[component]))
 
     monkeypatch.setattr(api, "fill", fill)
+    monkeypatch.setattr(host_memory._Block, "__init__", block)
     return events
 
 
@@ -59,8 +69,9 @@ def test_verify_frees_the_text_encoders_before_the_unet_is_filled(base_case, mon
         "release unet",
         "fill vae",
     ]
-    # each phase's cells (and so their parameters) are gone, not merely dropped from the net, when the next fills
-    assert events == [("conditioner", []), ("unet", []), ("vae", [])]
+    # each phase's cells (and so their parameters) are gone, not merely dropped from the net, when the next fills;
+    # so is the host memory their weights lay in, although the text encoders and the UNet have been evaluated
+    assert events == [("conditioner", [], []), ("unet", [], []), ("vae", [], [])]
 
 
 def test_a_key_missing_from_the_unet_is_named_before_anything_is_filled(base_case, tmp_path, monkeypatch):

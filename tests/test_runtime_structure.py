@@ -268,6 +268,40 @@ def test_cpu_convolution_equals_the_definition(
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-6
 
 
+def test_host_arena_places_tensors_apart_on_aligned_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import weakref
+
+    from sdxl_ckpt.sdxl_runtime import host_memory
+
+    monkeypatch.setattr(host_memory, "BLOCK_BYTES", 4 * host_memory.HUGE_PAGE)
+    blocks: list[host_memory._Block] = []
+    real = host_memory._Block.__init__
+
+    def record(self: host_memory._Block, nbytes: int) -> None:
+        real(self, nbytes)
+        blocks.append(self)
+
+    monkeypatch.setattr(host_memory._Block, "__init__", record)
+    arena = host_memory.HugePageArena()
+    shapes = [(3, 5), (1000, 1000), (7,), (), (0, 4), (3 * 1024, 1024), (11, 13)]  # the 12 MiB one: its own block
+    arrays = [arena.empty(shape, np.float32) for shape in shapes]
+    for i, (shape, array) in enumerate(zip(shapes, arrays)):
+        assert array.shape == shape and array.dtype == np.float32 and array.flags.c_contiguous
+        array[...] = i
+        assert array.size == 0 or array.ctypes.data % host_memory.ALIGN == 0
+    for i, array in enumerate(arrays):  # nothing overlaps: every tensor still holds what was written to it
+        assert np.all(array == i)
+    assert [b.bytes.ctypes.data % host_memory.HUGE_PAGE for b in blocks] == [0] * len(blocks)
+    assert len(blocks) == 2 and blocks[1].bytes.size >= 12 << 20
+    maps = [weakref.ref(b.map) for b in blocks]
+    arena.close()
+    blocks.clear()
+    del arrays[5]  # the large tensor's block goes with it; the shared block stays while a tensor in it lives
+    assert [m() is None for m in maps] == [False, True]
+    del arrays, array
+    assert [m() is None for m in maps] == [True, True]
+
+
 @pytest.mark.parametrize("kernel,stride,pad", [(3, 1, 1), (3, 2, 1), (3, 2, 0), (4, 3, 2)])
 def test_host_columns_are_mindspores_unfold(kernel: int, stride: int, pad: int) -> None:
     """The numpy im2col (whole and in bands of output rows) holds exactly what ``ops.unfold`` builds."""

@@ -20,17 +20,19 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
 from sdxl_ckpt.errors import KeyMismatchError, require_file
-from sdxl_ckpt.formats.castpipe import widen_half_threaded
+from sdxl_ckpt.formats.castpipe import widen_half_span, widen_half_threaded
 from sdxl_ckpt.formats.dtypes import FLOAT_DTYPES, to_float32
 from sdxl_ckpt.formats.entries import TensorEntry
 from sdxl_ckpt.progress import byte_bar
 from sdxl_ckpt.sdxl.variants import MARKERS
+from sdxl_ckpt.sdxl_runtime.host_memory import HugePageArena
 from sdxl_ckpt.sdxl_runtime.model import SDXLNet, component_of
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -75,18 +77,18 @@ def read_entries(path: str | os.PathLike) -> tuple[list[TensorEntry], dict[str, 
 
 
 def return_freed_memory() -> None:
-    """Collect released cells now and hand the freed heap pages back to the OS (glibc keeps them otherwise).
+    """Drop MindSpore's caches, collect released cells and hand the freed memory back to the OS.
 
-    Parameters of a few MB filled from numpy live in malloc's heap, not in their own maps: without ``malloc_trim``
-    the memory of a released component stays in this process's RSS although the next component would reuse it
-    only in part. Larger ones (and every fp16 weight widened for an fp32 network on CPU) have maps of their own,
-    returned when released. On a device, weights widened by MindSpore's cast live in its memory pool: released,
-    their memory stays with the process and serves the next phase, so phased loading still bounds the peak by the
-    largest phase but RSS does not fall in between.
+    On CPU the weights live in ``HugePageArena`` blocks, each freed when the last tensor in it is released. The
+    PyNative executor keeps references to tensors its kernels last used (a bias, a weight view) until
+    ``ms_memory_recycle``: without it one such tensor keeps its whole block mapped (3.5 GB of a released
+    full-size UNet). Small parameters from numpy live in malloc's heap, which ``malloc_trim`` returns. On a device,
+    weights widened by MindSpore's cast live in its memory pool and serve the next phase.
     """
     import ctypes
     import gc
 
+    ms.ms_memory_recycle()
     gc.collect()
     try:
         ctypes.CDLL(None).malloc_trim(0)
@@ -158,31 +160,43 @@ def fill(
     chosen = set(components)
     todo = [e for e in wanted if component_of(e.name) in chosen]
     params = net.named_params()
-    host = ms.get_context("device_target") == "CPU"
+    arena = HugePageArena() if ms.get_context("device_target") == "CPU" else None
     with byte_bar(sum(e.nbytes for e in todo), "loading", quiet) as bar:
         for entry in todo:
             param = params[entry.name]
-            array = entry.load()
             target = np.float16 if str(param.dtype) == "Float16" else np.float32
-            if entry.dtype == "F16" and target is np.float32 and host:
-                # widened on the bits on every core into a fresh array the parameter then owns (no copy): 4-5x
-                # faster than MindSpore's CPU cast kernel, whose output pages are faulted in one at a time
-                param.set_data(Tensor.from_numpy(widen_half_threaded(array)))
+            if arena is not None:
+                # on CPU the parameter takes an array placed on huge pages (no copy); fp16 into fp32 is widened
+                # on the bits on every core, 4-5x faster than MindSpore's CPU cast kernel
+                values = arena.empty(entry.shape, target)
+                span = entry.passthrough_span
+                if entry.dtype == "F16" and target is np.float32 and span is not None:
+                    widen_half_span(span[0], span[1], values, entry.name)
+                elif entry.dtype == "F16" and target is np.float32:
+                    widen_half_threaded(entry.load(), out=values)
+                else:
+                    values[...] = to_float32(entry.load(), entry.dtype).astype(target, copy=False)
+                param.set_data(Tensor.from_numpy(values))
             elif entry.dtype == "F16" and target is np.float32:
                 # on a device the cast runs there; the source shares the file's bytes and is dropped before they are
-                source = Tensor.from_numpy(np.ascontiguousarray(array))
+                source = Tensor.from_numpy(np.ascontiguousarray(entry.load()))
                 param.set_data(ops.cast(source, ms.float32))
                 del source
             else:
-                values = np.ascontiguousarray(to_float32(array, entry.dtype).astype(target, copy=False))
-                param.set_data(Tensor(values))
-                del values
-            del array
-            report.tensors += 1
-            report.bytes += entry.nbytes
-            report.source_dtypes[entry.dtype] = report.source_dtypes.get(entry.dtype, 0) + 1
-            bar.update(entry.nbytes)
+                values = to_float32(entry.load(), entry.dtype).astype(target, copy=False)
+                param.set_data(Tensor(np.ascontiguousarray(values)))
+            del param
+            _count(report, entry, bar)
+    if arena is not None:
+        arena.close()
     report.seconds += time.perf_counter() - start
+
+
+def _count(report: LoadReport, entry: TensorEntry, bar: Any) -> None:
+    report.tensors += 1
+    report.bytes += entry.nbytes
+    report.source_dtypes[entry.dtype] = report.source_dtypes.get(entry.dtype, 0) + 1
+    bar.update(entry.nbytes)
 
 
 def load_entries(net: SDXLNet, entries: Iterable[TensorEntry], path: object = None, quiet: bool = True) -> LoadReport:
