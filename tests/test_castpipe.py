@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sdxl_ckpt.formats import castpipe, ckpt_io
+from sdxl_ckpt.formats import workers as workers_module
 from sdxl_ckpt.formats.ckpt_io import write_ckpt
 from sdxl_ckpt.formats.dtypes import cast_array
 from sdxl_ckpt.formats.entries import entry_from_array
@@ -39,8 +40,8 @@ def test_pieces_join_to_the_whole_cast(small_pieces, src, dst):
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_threaded_widening_is_the_whole_widening(monkeypatch, workers):
     """Every half value (NaN payloads, subnormals, Inf), split over the workers at uneven edges, in any shape."""
-    monkeypatch.setattr(castpipe, "worker_count", lambda: workers)
-    monkeypatch.setattr(castpipe, "SPLIT_MIN_BYTES", 1024)
+    monkeypatch.setattr(workers_module, "worker_count", lambda: workers)
+    monkeypatch.setattr(workers_module, "SPLIT_MIN_BYTES", 1024)
     every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
     values = np.concatenate([every_half, every_half[:12_346]]).reshape(-1, 7)  # 77,882 elements
     widened = castpipe.widen_half_threaded(values)
@@ -56,8 +57,8 @@ def test_widening_straight_from_a_file(monkeypatch, tmp_path, workers):
     """``widen_half_span`` reads the tensor at its offset in chunks (a last short one included) on the workers."""
     from sdxl_ckpt.errors import CorruptFileError
 
-    monkeypatch.setattr(castpipe, "worker_count", lambda: workers)
-    monkeypatch.setattr(castpipe, "SPLIT_MIN_BYTES", 1024)
+    monkeypatch.setattr(workers_module, "worker_count", lambda: workers)
+    monkeypatch.setattr(workers_module, "SPLIT_MIN_BYTES", 1024)
     monkeypatch.setattr(castpipe, "CHUNK_ELEMENTS", 1000)
     every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
     values = every_half[: 3 * 5 * 1303].reshape(3, 5, 1303)

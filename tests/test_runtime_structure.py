@@ -303,11 +303,17 @@ def test_host_arena_places_tensors_apart_on_aligned_blocks(monkeypatch: pytest.M
 
 
 @pytest.mark.parametrize("kernel,stride,pad", [(3, 1, 1), (3, 2, 1), (3, 2, 0), (4, 3, 2)])
-def test_host_columns_are_mindspores_unfold(kernel: int, stride: int, pad: int) -> None:
-    """The numpy im2col (whole and in bands of output rows) holds exactly what ``ops.unfold`` builds."""
+def test_host_columns_are_mindspores_unfold(
+    monkeypatch: pytest.MonkeyPatch, kernel: int, stride: int, pad: int
+) -> None:
+    """The numpy im2col (whole and in bands of output rows, its channels split over the workers) holds exactly what
+    ``ops.unfold`` builds."""
     from mindspore import Tensor, ops
 
+    from sdxl_ckpt.formats import workers
     from sdxl_ckpt.sdxl_runtime import im2col
+
+    monkeypatch.setattr(workers, "SPLIT_MIN_BYTES", 0)
 
     x = np.random.default_rng(5).standard_normal((2, 5, 13, 10)).astype(np.float32)
     expected = ops.unfold(Tensor(x), kernel_size=kernel, padding=pad, stride=stride).asnumpy()

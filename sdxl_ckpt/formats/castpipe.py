@@ -28,7 +28,6 @@ from sdxl_ckpt.formats.workers import executor, run_split, worker_count
 # pieces are reused from the heap instead of being mapped (and page-faulted) afresh
 PIECE_ELEMENTS = 1 << 22
 STREAM_MIN_BYTES = 2 * PIECE_ELEMENTS * 4  # below this a tensor is cast whole: the pipeline would not pay
-SPLIT_MIN_BYTES = 1 << 20  # a whole-tensor widening is split over the threads from 1 MiB of output (~0.5 ms)
 
 
 def cast_pieces(load: Callable[[], np.ndarray], src: str, dst: str, key: str | None = None) -> Iterator[np.ndarray]:
@@ -71,10 +70,7 @@ def widen_half_threaded(array: np.ndarray, out: np.ndarray | None = None) -> np.
     """
     flat = np.ascontiguousarray(array).reshape(-1)
     out = np.empty(flat.size, dtype=np.float32) if out is None else out.reshape(-1)
-    if worker_count() == 1 or out.nbytes < SPLIT_MIN_BYTES:
-        widen_half(flat, out=out)
-    else:
-        run_split(lambda start, stop: widen_half(flat[start:stop], out=out[start:stop]), flat.size)
+    run_split(lambda start, stop: widen_half(flat[start:stop], out=out[start:stop]), flat.size, out.nbytes)
     return out.reshape(np.shape(array))
 
 
@@ -97,10 +93,7 @@ def widen_half_span(path: str | os.PathLike, offset: int, out: np.ndarray, name:
                     raise CorruptFileError(f"truncated: expected {2 * flat.size} bytes of float16", path=path, key=name)
                 widen_half(chunk[:count], out=flat[first : first + count])
 
-        if worker_count() == 1 or out.nbytes < SPLIT_MIN_BYTES:
-            widen(0, flat.size)
-        else:
-            run_split(widen, flat.size)
+        run_split(widen, flat.size, out.nbytes)
     finally:
         os.close(fd)
     return out

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 MAX_WORKERS = 4  # more threads than this gain nothing on memory-bound copies
+SPLIT_MIN_BYTES = 1 << 20  # less work than this (~0.5 ms of copying or widening) is not worth a thread hand-off
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -28,9 +29,13 @@ def executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def run_split(work: Callable[[int, int], object], total: int) -> None:
+def run_split(work: Callable[[int, int], object], total: int, nbytes: int) -> None:
     """``work(start, stop)`` over ``[0, total)`` cut into one contiguous part per worker, all at once; returns when
-    every part is done (re-raising the first error)."""
+    every part is done (re-raising the first error). Work of under ``SPLIT_MIN_BYTES`` (``nbytes`` written), or a
+    single worker, runs as one part on the calling thread."""
+    if worker_count() == 1 or nbytes < SPLIT_MIN_BYTES:
+        work(0, total)
+        return
     step = -(-total // worker_count())
     futures = [executor().submit(work, start, min(total, start + step)) for start in range(0, total, step)]
     for future in futures:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdxl_ckpt.formats.workers import run_split, worker_count
-
-SPLIT_MIN_BYTES = 1 << 20  # smaller copies are not worth a thread hand-off
+from sdxl_ckpt.formats.workers import run_split
 
 
 def zero_padded(x: np.ndarray, padding: int) -> np.ndarray:
@@ -40,8 +38,5 @@ def columns(padded: np.ndarray, kernel: int, stride: int, rows: tuple[int, int],
         writeable=False,
     )
     out = np.empty(window.shape, dtype=padded.dtype)
-    if worker_count() == 1 or out.nbytes < SPLIT_MIN_BYTES:
-        np.copyto(out, window)
-    else:
-        run_split(lambda start, stop: np.copyto(out[:, start:stop], window[:, start:stop]), c)
+    run_split(lambda start, stop: np.copyto(out[:, start:stop], window[:, start:stop]), c, out.nbytes)
     return out.reshape(b, c * kernel * kernel, (r1 - r0) * width)
